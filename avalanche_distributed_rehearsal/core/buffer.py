@@ -1,0 +1,285 @@
+"""One rank's shard of the global rehearsal buffer: insert locally, sample globally."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .exchange import LocalExchange, default_exchange
+from .layout import RecordLayout
+from .reservoir import ClassBalancedReservoir
+from .sampling import SAMPLING_MODES, plan_draws
+from .seeding import derive_seed, generator
+from .storage import ShardStorage
+from .validation import (NONFINITE_POLICIES, check_batch, check_choice, check_int,
+                         check_label_values, finite_rows)
+
+INPUT, LABEL, TASK = "input", "label", "task"
+
+
+def split_budget(total: int, world_size: int, rank: int) -> int:
+    """Rank ``rank``'s share of a global budget: ``total // world`` plus one for the first
+    ``total % world`` ranks, so the shares add up to ``total`` exactly."""
+    return total // world_size + (1 if rank < total % world_size else 0)
+
+
+def _digest(obj) -> int:
+    data = json.dumps(obj, sort_keys=True).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
+
+
+@dataclass
+class ExchangeStats:
+    """Traffic of the last :meth:`ShardedRehearsalBuffer.draw`, in bytes, for this rank."""
+
+    payload_sent: int = 0
+    payload_received: int = 0
+    metadata_sent: int = 0
+    metadata_received: int = 0
+    representatives: int = 0
+
+
+class ShardedRehearsalBuffer:
+    """A rank's shard of a rehearsal buffer whose budget and sampling are global.
+
+    Args:
+        mem_size: the global budget M, summed over all ranks; this rank stores at most
+            :func:`split_budget` ``(M, world, rank)`` samples.
+        sampling: ``"uniform"`` over all stored samples, or ``"class_balanced"``.
+        seed: the same on every rank. Sampling plans use ``(seed, step)``; insertion uses
+            ``(seed, rank)``.
+        device: where the shard lives (``"cpu"`` or a CUDA device).
+        exchange: the collectives to use; default :func:`default_exchange` (none without a
+            process group, gloo for CPU storage, NCCL for CUDA storage).
+        nonfinite: ``"raise"`` rejects a batch whose candidate inputs hold NaN or Inf;
+            ``"skip"`` drops those candidates and keeps the rest.
+        config: extra settings that must agree across ranks (checked at every draw).
+
+    Thread-safety: one thread at a time (the rehearsal pipeline serialises calls).
+    """
+
+    def __init__(self, mem_size: int, sampling: str = "uniform", seed: int = 0,
+                 device: torch.device | str = "cpu", exchange=None,
+                 nonfinite: str = "raise", pin_memory: Optional[bool] = None,
+                 timeout: float = 300.0, config: Optional[dict] = None):
+        check_int("mem_size", mem_size, 1)
+        check_choice("sampling", sampling, SAMPLING_MODES)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        check_int("seed", seed, 0)
+        device = torch.device(device)
+        self.exchange = exchange if exchange is not None else default_exchange(device, timeout)
+        self.rank = self.exchange.rank
+        self.world_size = self.exchange.world_size
+        if mem_size < self.world_size:
+            raise ValueError(f"mem_size ({mem_size}) must be at least the world size "
+                             f"({self.world_size}) so that every rank stores a sample")
+        self.mem_size = mem_size
+        self.sampling = sampling
+        self.seed = seed
+        self.nonfinite = nonfinite
+        self.storage = ShardStorage(split_budget(mem_size, self.world_size, self.rank), device,
+                                    pin_memory=pin_memory)
+        self.reservoir = ClassBalancedReservoir(self.storage.capacity,
+                                                seed=derive_seed(seed, self.rank, 0x5EED))
+        self.config = dict(config or {})
+        self._label_width = 0
+        self.last_exchange = ExchangeStats()
+        self.rejected_nonfinite = 0
+
+    @property
+    def _config_digest(self) -> int:
+        return _digest({"mem_size": self.mem_size, "sampling": self.sampling, "seed": self.seed,
+                        "nonfinite": self.nonfinite, **self.config})
+
+    def resize(self, mem_size: int) -> None:
+        """Change the global budget. Shrinking evicts class-balanced (largest class first).
+
+        Every rank must resize to the same budget before the next draw.
+        """
+        check_int("mem_size", mem_size, 1)
+        if mem_size < self.world_size:
+            raise ValueError(f"mem_size ({mem_size}) must be at least the world size "
+                             f"({self.world_size})")
+        capacity = split_budget(mem_size, self.world_size, self.rank)
+        if capacity < self.reservoir.size:
+            keep = self.reservoir.shrink(capacity)
+            self.storage.resize(capacity, torch.tensor(keep, dtype=torch.int64))
+        else:
+            self.reservoir.grow(capacity)
+            self.storage.resize(capacity)
+        self.mem_size = mem_size
+
+    # ------------------------------------------------------------------ local state
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def local_capacity(self) -> int:
+        return self.storage.capacity
+
+    def __len__(self) -> int:
+        """Samples stored on this rank."""
+        return self.storage.size
+
+    def class_counts(self) -> Dict[int, int]:
+        """Stored samples per class on this rank."""
+        return {c: n for c, n in self.reservoir.class_counts().items() if n}
+
+    def local_tensors(self) -> Dict[str, torch.Tensor]:
+        """Views of this shard's ``input``, ``label`` and ``task`` fields (length ``len(self)``).
+
+        The views share memory with the storage and change with it; clone to keep them.
+        """
+        if not self.storage.allocated:
+            return {}
+        return self.storage.fields()
+
+    # ------------------------------------------------------------------ insertion
+    def _layout_for(self, inputs: torch.Tensor) -> RecordLayout:
+        return RecordLayout([(LABEL, (), torch.int64), (TASK, (), torch.int64),
+                             (INPUT, tuple(inputs.shape[1:]), inputs.dtype)])
+
+    def check_insert(self, inputs: torch.Tensor, labels: torch.Tensor,
+                     task_labels: Optional[torch.Tensor] = None) -> None:
+        """Structural checks of :meth:`insert`'s arguments; reads no tensor values."""
+        check_batch(inputs, labels, task_labels)
+        layout = self.storage.layout
+        if layout is not None:
+            spec = layout.fields[INPUT]
+            if tuple(inputs.shape[1:]) != spec.shape or inputs.dtype != spec.dtype:
+                raise ValueError(
+                    f"inputs must have per-sample shape {spec.shape} and dtype {spec.dtype} "
+                    f"like the samples already stored, got {tuple(inputs.shape[1:])} {inputs.dtype}")
+
+    def insert(self, inputs: torch.Tensor, labels: torch.Tensor,
+               task_labels: Optional[torch.Tensor] = None) -> int:
+        """Offer every row of the batch to the shard, in order; return how many were written.
+
+        Args:
+            inputs: ``(n, *sample_shape)``, any real dtype, any device; copied, never kept.
+            labels: ``(n,)`` integer class labels ``>= 0``.
+            task_labels: ``(n,)`` integer task labels ``>= 0`` (default all 0).
+
+        Raises before changing anything if an argument is malformed.
+        """
+        self.check_insert(inputs, labels, task_labels)
+        if task_labels is None:
+            task_labels = torch.zeros_like(labels)
+        labels_cpu = labels.to("cpu", torch.int64)
+        tasks_cpu = task_labels.to("cpu", torch.int64)
+        check_label_values(labels_cpu, tasks_cpu)
+        keep = finite_rows(inputs).cpu()
+        if not bool(keep.all()):
+            if self.nonfinite == "raise":
+                bad = int((~keep).sum())
+                raise ValueError(f"inputs hold NaN or Inf in {bad} of {len(keep)} rows "
+                                 "(nonfinite='raise'; use nonfinite='skip' to drop such samples)")
+            self.rejected_nonfinite += int((~keep).sum())
+            index = torch.nonzero(keep).flatten()
+            inputs, labels_cpu, tasks_cpu = inputs[index.to(inputs.device)], labels_cpu[index], tasks_cpu[index]
+            if index.numel() == 0:
+                return 0
+        layout = self._layout_for(inputs)
+        self.storage.allocate(layout)
+        positions, slots = self.reservoir.offer_many(labels_cpu.tolist())
+        if not positions:
+            return 0
+        pos = torch.tensor(positions, dtype=torch.int64)
+        records = torch.empty((len(positions), layout.row_bytes), dtype=torch.uint8,
+                              device=self.storage.device)
+        layout.pack({INPUT: inputs.index_select(0, pos.to(inputs.device)),
+                     LABEL: labels_cpu[pos], TASK: tasks_cpu[pos]}, records)
+        self.storage.write(torch.tensor(slots, dtype=torch.int64), records)
+        return len(positions)
+
+    # ------------------------------------------------------------------ global sampling
+    def _local_counts(self, width: int) -> torch.Tensor:
+        counts = torch.zeros(width, dtype=torch.int64)
+        for c, n in self.reservoir.class_counts().items():
+            counts[c] = n
+        return counts
+
+    def gather_counts(self) -> torch.Tensor:
+        """Collective. ``(world, L)`` int64: stored samples per class label on every rank.
+
+        Also checks that every rank runs the same configuration and sample layout.
+        """
+        counts_by_class = self.reservoir.class_counts()
+        need = max(counts_by_class, default=-1) + 1
+        layout = self.storage.layout
+        layout_digest = _digest(layout.describe()) if layout is not None else 0
+        while True:
+            width = self._label_width
+            header = torch.tensor([need, self._config_digest, layout_digest], dtype=torch.int64)
+            message = torch.cat([header, self._local_counts(max(width, need))[:width]])
+            gathered = self.exchange.all_gather(message)
+            self.last_exchange.metadata_sent = message.numel() * 8
+            self.last_exchange.metadata_received = gathered.numel() * 8
+            if len(set(gathered[:, 1].tolist())) > 1:
+                raise RuntimeError("ranks passed different buffer configurations (mem_size, "
+                                   "sampling, seed, batch_size_mem, num_candidates or nonfinite "
+                                   "differ between ranks); every rank must use the same ones")
+            digests = {d for d in gathered[:, 2].tolist() if d != 0}
+            if len(digests) > 1:
+                raise RuntimeError("ranks store samples of different shapes or dtypes; every "
+                                   "rank must insert inputs of the same per-sample shape and dtype")
+            if layout is None and digests:
+                self._adopt_layout()
+                layout = self.storage.layout
+                layout_digest = _digest(layout.describe())
+                continue
+            widest = int(gathered[:, 0].max())
+            if widest <= width:
+                return gathered[:, 3:]
+            self._label_width = widest
+
+    def _adopt_layout(self) -> None:
+        """Learn the sample layout from the ranks that have one (collective, rare)."""
+        import torch.distributed as dist
+
+        mine = self.storage.layout.describe() if self.storage.layout is not None else None
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=getattr(self.exchange, "group", None))
+        known = next(d for d in everyone if d is not None)
+        if mine is None:
+            self.storage.allocate(RecordLayout.from_description(known))
+
+    def draw(self, r: int, step: int, out_device: Optional[torch.device] = None
+             ) -> Dict[str, torch.Tensor]:
+        """Collective. Draw ``min(r, global size)`` representatives from the union of shards.
+
+        Every rank must call it with the same ``r`` and ``step``. Returns ``input``
+        ``(d, *sample_shape)``, ``label`` ``(d,)`` int64 and ``task`` ``(d,)`` int64, in
+        draw order, on ``out_device`` (default: the storage device). The tensors are new:
+        the caller owns them. Returns an empty dict while the whole buffer is empty.
+        """
+        counts = self.gather_counts()
+        plan = plan_draws(counts, r, self.sampling, generator(self.seed, step, 0xD1A))
+        stats = self.last_exchange
+        stats.representatives = plan.d
+        if plan.d == 0 or self.storage.layout is None:
+            stats.payload_sent = stats.payload_received = 0
+            return {}
+        splits, local, label = plan.sends(self.rank)
+        if label is not None:
+            by_class = self.reservoir.slots_by_class
+            local = torch.tensor([by_class[c][j] for c, j in zip(label.tolist(), local.tolist())],
+                                 dtype=torch.int64)
+        send = self.storage.gather(local)
+        recv_splits = plan.receive_splits(self.rank, self.world_size)
+        recv = self.exchange.all_to_all(send, splits.tolist(), recv_splits.tolist())
+        stats.payload_sent = send.numel()
+        stats.payload_received = recv.numel()
+        rows = torch.empty_like(recv)
+        rows[plan.receive_order(self.rank).to(recv.device)] = recv
+        if out_device is not None:
+            rows = rows.to(out_device, non_blocking=True)
+        return {name: t.contiguous() for name, t in self.storage.layout.unpack(rows).items()}
+
+    def close(self) -> None:
+        self.exchange.close()

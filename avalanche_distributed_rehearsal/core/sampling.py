@@ -1,0 +1,176 @@
+"""The global sampling plan: which rank sends which stored sample to whom, this step.
+
+Every rank calls :func:`plan_draws` with the same all-gathered counts and a generator
+seeded by ``(seed, step)``, so every rank computes the same plan for the whole world
+without exchanging requests. Cost: ``O(world * r log(world * r))`` per step, independent
+of the buffer size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SAMPLING_MODES = ("uniform", "class_balanced")
+
+
+@dataclass
+class SamplingPlan:
+    """The draws of every rank for one step.
+
+    Attributes:
+        owner: ``(world, d)`` int64, the rank that stores draw ``j`` of requester ``q``.
+        local: ``(world, d)`` int64, the draw's index on its owner: a storage slot in
+            ``"uniform"`` mode, the index within the owner's samples of ``label`` in
+            ``"class_balanced"`` mode.
+        label: ``(world, d)`` int64 class labels (``"class_balanced"`` only) or None.
+        d: draws per rank: ``min(r, buffer size)``, the same for every rank.
+    """
+
+    owner: torch.Tensor
+    local: torch.Tensor
+    label: Optional[torch.Tensor]
+    d: int
+
+    def receive_splits(self, rank: int, world_size: int) -> torch.Tensor:
+        """``(world,)`` int64: how many of ``rank``'s draws each rank sends it."""
+        return torch.bincount(self.owner[rank], minlength=world_size)
+
+    def receive_order(self, rank: int) -> torch.Tensor:
+        """``(d,)`` int64 permutation: received row ``k`` is draw ``receive_order[k]``."""
+        return torch.sort(self.owner[rank], stable=True).indices
+
+    def sends(self, rank: int):
+        """What ``rank`` serves: ``(splits (world,), local (n,), label (n,) or None)``.
+
+        Rows are grouped by requester in rank order, each group in its draw order.
+        """
+        mask = self.owner == rank
+        label = None if self.label is None else self.label[mask]
+        return mask.sum(dim=1), self.local[mask], label
+
+
+def sample_distinct(n: torch.Tensor, d: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Row ``i``: ``d[i]`` distinct integers drawn uniformly without replacement from ``[0, n[i])``.
+
+    Args:
+        n: ``(R,)`` int64 population sizes. d: ``(R,)`` int64 draw counts, ``d <= n``.
+    Returns:
+        ``(R, max(d))`` int64, row ``i`` holding its draws in draw order, padded with -1.
+
+    The draws are the first ``d[i]`` distinct values of an i.i.d. uniform sequence, which
+    is exactly sequential sampling without replacement. Rows that run short (populations
+    not much larger than the draw) finish with a random order of the values not yet taken.
+    Values come from ``floor(u * n)`` with ``u`` a float64 uniform: the bias is below
+    ``n / 2**53``.
+    """
+    rows = n.numel()
+    width = int(d.max()) if rows else 0
+    out = torch.full((rows, width), -1, dtype=torch.int64)
+    if rows == 0 or width == 0:
+        return out
+    if bool((d > n).any()) or bool((d < 0).any()):
+        raise ValueError("sample_distinct needs 0 <= d <= n")
+    k = 2 * width + 8
+    u = torch.rand((rows, k), generator=gen, dtype=torch.float64)
+    vals = (u * n.to(torch.float64).unsqueeze(1)).to(torch.int64).clamp_(max=(n - 1).clamp(min=0).unsqueeze(1))
+    span = int(n.max()) + 1
+    key = (torch.arange(rows).unsqueeze(1) * span + vals).reshape(-1)
+    sorted_key, order = torch.sort(key, stable=True)
+    first = torch.ones_like(sorted_key, dtype=torch.bool)
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    is_first = torch.zeros(rows * k, dtype=torch.bool)
+    is_first[order[first]] = True
+    is_first = is_first.view(rows, k)
+    position = torch.cumsum(is_first, dim=1)
+    take = is_first & (position <= d.unsqueeze(1))
+    r_idx, c_idx = take.nonzero(as_tuple=True)
+    out[r_idx, position[r_idx, c_idx] - 1] = vals[r_idx, c_idx]
+    got = take.sum(dim=1)
+    for i in torch.nonzero(got < d).flatten().tolist():
+        have = out[i, : got[i]]
+        rest = torch.ones(int(n[i]), dtype=torch.bool)
+        rest[have] = False
+        pool = torch.nonzero(rest).flatten()
+        pick = pool[torch.randperm(pool.numel(), generator=gen)[: int(d[i] - got[i])]]
+        out[i, got[i]: d[i]] = pick
+    return out
+
+
+def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) -> SamplingPlan:
+    """Plan ``r`` draws per rank from the union of all shards.
+
+    Args:
+        counts: ``(world, L)`` int64, ``counts[w, c]`` = samples of class ``c`` on rank ``w``.
+        r: representatives per rank per step (``>= 0``).
+        mode: ``"uniform"`` (every stored sample equally likely) or ``"class_balanced"``
+            (a class uniformly among the non-empty ones, then a sample of it uniformly).
+        gen: CPU generator; the same state on every rank gives the same plan.
+
+    Draws are without replacement within each rank's ``d = min(r, total)`` draws.
+    """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+    world = counts.shape[0]
+    total = int(counts.sum())
+    d = min(r, total)
+    empty = torch.zeros((world, d), dtype=torch.int64)
+    if d == 0:
+        return SamplingPlan(empty, empty.clone(), None if mode == "uniform" else empty.clone(), 0)
+    if mode == "uniform":
+        return _plan_uniform(counts, d, gen)
+    return _plan_class_balanced(counts, d, gen)
+
+
+def _plan_uniform(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
+    world = counts.shape[0]
+    per_rank = counts.sum(dim=1)
+    total = int(per_rank.sum())
+    draws = sample_distinct(torch.full((world,), total), torch.full((world,), d), gen)
+    ends = torch.cumsum(per_rank, 0)
+    owner = torch.searchsorted(ends, draws, right=True)
+    local = draws - (ends - per_rank)[owner]
+    return SamplingPlan(owner, local, None, d)
+
+
+def _class_sequence(class_sizes: torch.Tensor, d: int, world: int, gen: torch.Generator) -> torch.Tensor:
+    """``(world, d)`` class labels: each draw uniform over classes not yet exhausted."""
+    classes = torch.nonzero(class_sizes > 0).flatten()
+    pick = classes[torch.randint(classes.numel(), (world, d), generator=gen)]
+    demand = torch.zeros((world, class_sizes.numel()), dtype=torch.int64)
+    demand.scatter_add_(1, pick, torch.ones_like(pick))
+    for q in torch.nonzero((demand > class_sizes.unsqueeze(0)).any(dim=1)).flatten().tolist():
+        left = class_sizes.clone()
+        for j in range(d):
+            avail = torch.nonzero(left > 0).flatten()
+            c = avail[torch.randint(avail.numel(), (1,), generator=gen)]
+            pick[q, j] = c
+            left[c] -= 1
+    return pick
+
+
+def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
+    world, num_labels = counts.shape
+    class_sizes = counts.sum(dim=0)
+    label = _class_sequence(class_sizes, d, world, gen)
+    # Group each requester's draws by class; occurrence = rank of the draw within its group.
+    group_key = torch.arange(world).unsqueeze(1) * num_labels + label
+    flat_key = group_key.reshape(-1)
+    sorted_key, order = torch.sort(flat_key, stable=True)
+    groups, group_len = torch.unique_consecutive(sorted_key, return_counts=True)
+    starts = torch.cumsum(group_len, 0) - group_len
+    occurrence_sorted = torch.arange(flat_key.numel()) - torch.repeat_interleave(starts, group_len)
+    occurrence = torch.empty_like(occurrence_sorted)
+    occurrence[order] = occurrence_sorted
+    within = sample_distinct(class_sizes[groups % num_labels], group_len, gen)
+    group_of_draw = torch.empty_like(flat_key)
+    group_of_draw[order] = torch.repeat_interleave(torch.arange(groups.numel()), group_len)
+    j = within[group_of_draw, occurrence].view(world, d)
+    # Map the within-class index to (owner rank, index among the owner's samples of the class).
+    ends = torch.cumsum(counts, dim=0)  # (world, L)
+    ends_per_draw = ends.t()[label]  # (world, d, world)
+    owner = (ends_per_draw <= j.unsqueeze(-1)).sum(dim=-1)
+    local = j - (ends - counts).t()[label, owner]
+    return SamplingPlan(owner, local, label, d)

@@ -1,0 +1,67 @@
+"""Argument checks shared by the core and the integration layer.
+
+Each check raises before anything is modified, with the argument's name and the form
+that was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_batch(inputs, labels, task_labels: Optional[torch.Tensor]) -> None:
+    """Structural checks of a batch; no value is read, so no device synchronisation.
+
+    Expected: ``inputs`` a tensor ``(n, *sample_shape)`` with ``n >= 1``; ``labels`` and
+    ``task_labels`` integer tensors of shape ``(n,)`` on any device.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor of shape (n, ...), got {type(inputs).__name__}")
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty batch (n >= 1, ...), got shape {tuple(inputs.shape)}")
+    if inputs.dtype == torch.bool or inputs.is_complex():
+        raise TypeError(f"inputs dtype {inputs.dtype} is not supported (use a real or integer dtype)")
+    n = inputs.shape[0]
+    for name, t in (("labels", labels), ("task_labels", task_labels)):
+        if t is None and name == "task_labels":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an integer torch.Tensor of shape ({n},), got {type(t).__name__}")
+        if t.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match inputs, got {tuple(t.shape)}")
+
+
+def check_label_values(labels: torch.Tensor, task_labels: torch.Tensor) -> None:
+    """Value checks (reads the tensors: call on CPU copies off the hot path)."""
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be non-negative class indices, got min {int(labels.min())}")
+    if task_labels.numel() and int(task_labels.min()) < 0:
+        raise ValueError(f"task_labels must be non-negative, got min {int(task_labels.min())}")
+
+
+def finite_rows(inputs: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: rows of ``inputs`` with no NaN or Inf (integer inputs are always finite)."""
+    if inputs.is_floating_point():
+        return torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(dim=1)
+    return torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
