@@ -224,11 +224,12 @@ class ShardedRehearsalBuffer:
                 raise RuntimeError("ranks passed different buffer configurations (mem_size, "
                                    "sampling, seed, batch_size_mem, num_candidates or nonfinite "
                                    "differ between ranks); every rank must use the same ones")
-            digests = {d for d in gathered[:, 2].tolist() if d != 0}
+            all_digests = gathered[:, 2].tolist()
+            digests = {d for d in all_digests if d != 0}
             if len(digests) > 1:
                 raise RuntimeError("ranks store samples of different shapes or dtypes; every "
                                    "rank must insert inputs of the same per-sample shape and dtype")
-            if layout is None and digests:
+            if digests and 0 in all_digests:  # every rank sees it: all take part
                 self._adopt_layout()
                 layout = self.storage.layout
                 layout_digest = _digest(layout.describe())

@@ -1,0 +1,195 @@
+"""Command-line arguments of the main job and their validation.
+
+Every bad argument is rejected before any work starts with one line naming the
+argument, e.g. ``avalanche_distributed_rehearsal: error: --epochs must be an integer >= 1, got 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+PROG = "avalanche_distributed_rehearsal"
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+MODELS = ("mlp", "resnet18")
+METHODS = ("incremental", "from_scratch", "stock_replay", "ours")
+SAMPLING = ("uniform", "class_balanced")
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; the message is one line naming the argument."""
+
+
+@dataclasses.dataclass
+class Config:
+    """The validated settings of one run (see ``--help`` for each field)."""
+
+    dataset: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    synthetic_size: int = 10000
+    synthetic_shape: Tuple[int, ...] = (1, 28, 28)
+    synthetic_classes: int = 10
+    n_experiences: int = 5
+    model: str = "mlp"
+    hidden: int = 128
+    methods: Tuple[str, ...] = METHODS
+    mem_size: int = 200
+    batch_size: int = 32
+    replay_batch_size: Optional[int] = None
+    epochs: int = 5
+    lr: float = 0.05
+    momentum: float = 0.9
+    sampling: str = "class_balanced"
+    sync: bool = False
+    seed: int = 0
+    output_dir: str = "results"
+    progress: bool = True
+    plots: bool = True
+    threads: Optional[int] = None
+
+    @property
+    def replay_mb(self) -> int:
+        """r: representatives per step for both replay methods (default: the batch size)."""
+        return self.batch_size if self.replay_batch_size is None else self.replay_batch_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=(
+        "Class-incremental experiment: incremental (no replay), from scratch on all data "
+        "seen so far, Avalanche's stock ReplayPlugin and the distributed rehearsal buffer, "
+        "in one process or under torchrun --nproc-per-node=N."))
+    d = Config()
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)} (default: digits, bundled with scikit-learn)")
+    g.add_argument("--data-root", default=d.data_root, help="torchvision datasets live here (default: ./data)")
+    g.add_argument("--download", action="store_true", help="download torchvision datasets missing from --data-root (needs internet)")
+    g.add_argument("--synthetic-size", type=str, default=str(d.synthetic_size), help="synthetic: training samples (test: a fifth)")
+    g.add_argument("--synthetic-shape", type=str, default="1,28,28", help="synthetic: per-sample shape, e.g. 3,32,32 or 64")
+    g.add_argument("--synthetic-classes", type=str, default=str(d.synthetic_classes), help="synthetic: number of classes")
+    g.add_argument("--n-experiences", type=str, default=str(d.n_experiences), help="experiences (classes split evenly; default 5)")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", default=d.model, help="mlp (default) or resnet18 (image data only)")
+    g.add_argument("--hidden", type=str, default=str(d.hidden), help="mlp hidden width (default 128)")
+    g.add_argument("--epochs", type=str, default=str(d.epochs), help="epochs per experience (default 5)")
+    g.add_argument("--batch-size", type=str, default=str(d.batch_size), help="b: mini-batch size per rank (default 32)")
+    g.add_argument("--lr", type=str, default=str(d.lr), help="SGD learning rate (default 0.05)")
+    g.add_argument("--momentum", type=str, default=str(d.momentum), help="SGD momentum (default 0.9)")
+    g.add_argument("--seed", type=str, default=str(d.seed), help="seed of everything (default 0)")
+    g.add_argument("--threads", type=str, default=None, help="torch threads per rank (default: cores / local ranks)")
+    g = p.add_argument_group("methods and buffer")
+    g.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: global buffer budget, the same for both replay methods (default 200)")
+    g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for both replay methods (default: --batch-size)")
+    g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
+    g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline instead of in the background")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=d.output_dir, help="results.json, results.md and PNG plots go here (default: ./results)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def _int(name: str, text, minimum: int) -> int:
+    try:
+        value = int(str(text), 10)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, text, minimum: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {text!r}") from None
+    if not (value > minimum if strict else value >= minimum) or value != value or value == float("inf"):
+        raise UsageError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {text}")
+    return value
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _shape(text: str) -> Tuple[int, ...]:
+    parts = [s.strip() for s in str(text).replace("x", ",").split(",") if s.strip()]
+    if not 1 <= len(parts) <= 3:
+        raise UsageError(f"--synthetic-shape must be 1 to 3 comma-separated integers >= 1 (D or C,H,W), got {text!r}")
+    return tuple(_int("--synthetic-shape", s, 1) for s in parts)
+
+
+def _methods(text: str) -> Tuple[str, ...]:
+    if text.strip() == "all":
+        return METHODS
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UsageError(f"--methods must name at least one of {','.join(METHODS)}, got {text!r}")
+    for n in names:
+        _choice("--methods", n, METHODS + ("all",))
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods names a method twice: {text!r}")
+    return tuple(m for m in METHODS if m in names)  # fixed order in the report
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Config:
+    """Parse and validate ``argv`` (default ``sys.argv[1:]``); raise :class:`UsageError`."""
+    a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = Config(
+        dataset=_choice("--dataset", a.dataset, DATASETS),
+        data_root=a.data_root,
+        download=a.download,
+        synthetic_size=_int("--synthetic-size", a.synthetic_size, 1),
+        synthetic_shape=_shape(a.synthetic_shape),
+        synthetic_classes=_int("--synthetic-classes", a.synthetic_classes, 2),
+        n_experiences=_int("--n-experiences", a.n_experiences, 1),
+        model=_choice("--model", a.model, MODELS),
+        hidden=_int("--hidden", a.hidden, 1),
+        methods=_methods(a.methods),
+        mem_size=_int("--mem-size", a.mem_size, 1),
+        batch_size=_int("--batch-size", a.batch_size, 1),
+        replay_batch_size=None if a.replay_batch_size is None else _int("--replay-batch-size", a.replay_batch_size, 0),
+        epochs=_int("--epochs", a.epochs, 1),
+        lr=_float("--lr", a.lr, 0.0, strict=True),
+        momentum=_float("--momentum", a.momentum, 0.0, strict=False),
+        sampling=_choice("--sampling", a.sampling, SAMPLING),
+        sync=a.sync,
+        seed=_int("--seed", a.seed, 0),
+        output_dir=a.output_dir,
+        progress=not a.no_progress,
+        plots=not a.no_plots,
+        threads=None if a.threads is None else _int("--threads", a.threads, 1),
+    )
+    if cfg.momentum >= 1:
+        raise UsageError(f"--momentum must be smaller than 1, got {cfg.momentum}")
+    if cfg.model == "resnet18" and (cfg.dataset == "digits" or
+                                    (cfg.dataset == "synthetic" and len(cfg.synthetic_shape) != 3)):
+        raise UsageError("--model resnet18 needs image data (C,H,W): use --dataset mnist, "
+                         "fashion-mnist, cifar10, cifar100 or synthetic with a C,H,W --synthetic-shape")
+    if cfg.dataset == "synthetic" and cfg.synthetic_size < cfg.synthetic_classes:
+        raise UsageError(f"--synthetic-size ({cfg.synthetic_size}) must be at least "
+                         f"--synthetic-classes ({cfg.synthetic_classes})")
+    return cfg
+
+
+def check_against_world(cfg: Config, n_classes: int, world: int) -> None:
+    """Checks that need the data or the world size; raise :class:`UsageError`."""
+    if cfg.n_experiences > n_classes:
+        raise UsageError(f"--n-experiences ({cfg.n_experiences}) must be at most the number "
+                         f"of classes ({n_classes})")
+    if n_classes % cfg.n_experiences:
+        raise UsageError(f"--n-experiences ({cfg.n_experiences}) must divide the number of "
+                         f"classes ({n_classes}) evenly")
+    if "ours" in cfg.methods and cfg.mem_size < world:
+        raise UsageError(f"--mem-size ({cfg.mem_size}) must be at least the number of ranks ({world})")

@@ -1,0 +1,134 @@
+"""Datasets as in-memory tensors, and the class-incremental benchmark built over them.
+
+Every loader returns ``(train, test, n_classes)`` where ``train`` and ``test`` are
+``TensorDataset(x, y)`` with ``x`` float32 ``(n, *sample_shape)`` in ``[0, 1]`` (synthetic:
+roughly unit scale), ``y`` int64 ``(n,)`` class labels ``0 .. n_classes - 1``, and a
+``targets`` list attribute (what Avalanche's ``nc_benchmark`` reads). Nothing is
+downloaded unless ``download=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Tuple
+
+import torch
+from torch.utils.data import TensorDataset
+
+from .cli import Config
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset is not on disk and may not be downloaded; the message says what to do."""
+
+
+def _tensor_dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+    ds = TensorDataset(x.contiguous(), y.to(torch.int64).contiguous())
+    ds.targets = ds.tensors[1].tolist()
+    return ds
+
+
+def load_digits(seed: int = 0, n_train: int = 1400) -> Tuple[TensorDataset, TensorDataset, int]:
+    """scikit-learn's bundled 8x8 digits (1797 samples): ``x`` ``(n, 64)`` float32 in [0, 1].
+
+    A fixed split seeded by ``seed``: ``n_train`` training samples, the rest for testing.
+    """
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[:n_train], perm[n_train:]
+    return _tensor_dataset(x[tr], y[tr]), _tensor_dataset(x[te], y[te]), 10
+
+
+def load_synthetic(n_train: int, shape: Tuple[int, ...], n_classes: int, seed: int = 0
+                   ) -> Tuple[TensorDataset, TensorDataset, int]:
+    """Class-conditional Gaussians: ``x`` ``(n, *shape)`` float32, ``n_train`` training and
+    ``max(n_classes, n_train // 5)`` test samples, classes balanced (round robin).
+
+    Each class has a random prototype; samples are prototype + noise, so the task is
+    learnable but not trivial. Deterministic in ``seed``. Memory: ``4 * n * prod(shape)`` bytes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(shape)
+    protos = torch.randn(n_classes, d, generator=g)
+
+    def make(n: int) -> TensorDataset:
+        y = torch.arange(n, dtype=torch.int64) % n_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = protos[y] * 0.5 + torch.randn(n, d, generator=g)
+        return _tensor_dataset(x.reshape(n, *shape), y)
+
+    return make(n_train), make(max(n_classes, n_train // 5)), n_classes
+
+
+_TORCHVISION = {"mnist": ("MNIST", 10), "fashion-mnist": ("FashionMNIST", 10),
+                "cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
+
+
+def load_torchvision(name: str, root: str, download: bool) -> Tuple[TensorDataset, TensorDataset, int]:
+    """MNIST / Fashion-MNIST (``(n, 1, 28, 28)``) or CIFAR-10/100 (``(n, 3, 32, 32)``), float32
+    in [0, 1], from ``root``; downloaded there first only if ``download``."""
+    import torchvision.datasets as tvd
+
+    cls_name, n_classes = _TORCHVISION[name]
+    cls = getattr(tvd, cls_name)
+    try:
+        train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
+        if download:
+            raise DataUnavailableError(f"could not download {cls_name} into --data-root {root!r} "
+                                       f"(are you online?): {e}") from None
+        raise DataUnavailableError(f"{cls_name} not found under --data-root {root!r}; pass "
+                                   "--download to fetch it (needs internet)") from None
+    except OSError as e:  # no network, DNS failure, ...
+        raise DataUnavailableError(f"could not download {cls_name} into --data-root {root!r} "
+                                   f"(are you online?): {e}") from None
+
+    def convert(ds) -> TensorDataset:
+        x = torch.as_tensor(ds.data)
+        if x.dim() == 3:  # (n, H, W) uint8
+            x = x.unsqueeze(1)
+        else:  # (n, H, W, C) uint8
+            x = x.permute(0, 3, 1, 2)
+        return _tensor_dataset(x.float().div_(255.0), torch.as_tensor(ds.targets))
+
+    return convert(train), convert(test), n_classes
+
+
+def load_data(cfg: Config, rank: int = 0, barrier=None) -> Tuple[TensorDataset, TensorDataset, int]:
+    """The dataset ``cfg.dataset`` as ``(train, test, n_classes)`` (see the module docstring).
+
+    Under torchrun only rank 0 downloads; the others wait at ``barrier()`` and then read
+    the files it wrote.
+    """
+    if cfg.dataset == "digits":
+        return load_digits(cfg.seed)
+    if cfg.dataset == "synthetic":
+        return load_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes, cfg.seed)
+    root = os.path.expanduser(cfg.data_root)
+    if cfg.download and barrier is not None:
+        error = None
+        if rank == 0:
+            try:
+                load_torchvision(cfg.dataset, root, True)
+            except DataUnavailableError as e:
+                error = e
+        barrier()
+        if error is not None:
+            raise error
+        return load_torchvision(cfg.dataset, root, rank == 0)
+    return load_torchvision(cfg.dataset, root, cfg.download)
+
+
+def make_benchmark(train: TensorDataset, test: TensorDataset, n_classes: int,
+                   n_experiences: int, seed: int):
+    """Class-incremental benchmark: classes ``0 .. n_classes - 1`` in order, split evenly
+    over ``n_experiences`` experiences (task label 0 everywhere)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    return nc_benchmark(train, test, n_experiences=n_experiences, task_labels=False, seed=seed,
+                        fixed_class_order=list(range(n_classes)))

@@ -1,0 +1,142 @@
+"""One run of the main job: set up the world, load the data, run every method, summarise.
+
+Works in one process or under ``torchrun --nproc-per-node=N`` (gloo on CPU, NCCL with one
+GPU per rank). Every rank runs every method; rank 0 alone shows progress and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .cli import Config, check_against_world
+from .data import load_data, make_benchmark
+from .evaluation import accuracy_curve, average_accuracy, average_forgetting
+from .methods import METHODS, Context, MethodResult
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def setup_world() -> Tuple[int, int, int, torch.device, bool]:
+    """``(rank, world, local_world, device, created)``: joins torchrun's process group if
+    launched by torchrun (``WORLD_SIZE > 1``) and none exists yet (``created`` is then True)."""
+    dist = _dist()
+    created = False
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        created = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world if dist.is_initialized() else 1)))
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if cuda else torch.device("cpu")
+    return rank, world, local_world, device, created
+
+
+def _reduce_max(values, world: int):
+    if world == 1:
+        return list(values)
+    dist = _dist()
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def machine_info(world: int) -> Dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "world_size": world,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def summarise(result: MethodResult, incremental_seconds: Optional[float]) -> Dict[str, object]:
+    """The JSON record of one method (accuracies are fractions; seconds are the slowest rank's)."""
+    overhead = None
+    if incremental_seconds and result.name != "incremental":
+        overhead = result.train_seconds / incremental_seconds - 1.0
+    elif result.name == "incremental":
+        overhead = 0.0
+    return {"final_average_accuracy": average_accuracy(result.accuracy),
+            "average_forgetting": average_forgetting(result.accuracy),
+            "accuracy_curve": accuracy_curve(result.accuracy),
+            "accuracy_matrix": result.accuracy,
+            "train_seconds": result.train_seconds,
+            "overhead_vs_incremental": overhead,
+            "buffer_bytes_per_rank": result.buffer_bytes_per_rank,
+            "buffer_metrics": result.metrics}
+
+
+def run(cfg: Config) -> Dict[str, object]:
+    """Run the experiment; return the results (the same dict on every rank). Rank 0 also
+    writes ``results.json``, ``results.md`` and the plots to ``cfg.output_dir``."""
+    start = time.perf_counter()
+    # Avalanche creates an InteractiveLogger at import time, which it refuses to do on a
+    # non-main rank once the process group exists: import it before joining the group.
+    import avalanche.training  # noqa: F401
+
+    rank, world, local_world, device, created = setup_world()
+    try:
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        barrier = _dist().barrier if world > 1 else None
+        train, test, n_classes = load_data(cfg, rank, barrier)
+        check_against_world(cfg, n_classes, world)
+        benchmark = make_benchmark(train, test, n_classes, cfg.n_experiences, cfg.seed)
+        sample_shape = tuple(train.tensors[0].shape[1:])
+        if rank == 0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        units = sum(cfg.n_experiences for _ in cfg.methods)
+        bar = None
+        if rank == 0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=units, desc="experiences", unit="exp", dynamic_ncols=True)
+
+        def on_experience(method: str, exp: int) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{method} exp {exp + 1}/{cfg.n_experiences}")
+                bar.update(1)
+
+        log_file = None
+        if rank == 0 and "ours" in cfg.methods:
+            log_file = open(os.path.join(cfg.output_dir, "ours_buffer_metrics.log"), "w")
+        ctx = Context(cfg, benchmark, sample_shape, n_classes, world, rank, device,
+                      on_experience, log_file)
+        results: Dict[str, MethodResult] = {}
+        try:
+            for name in cfg.methods:
+                res = METHODS[name](ctx)
+                res.train_seconds, bytes_max = _reduce_max([res.train_seconds, res.buffer_bytes_per_rank], world)
+                res.buffer_bytes_per_rank = int(bytes_max)
+                results[name] = res
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_file is not None:
+                log_file.close()
+        inc = results["incremental"].train_seconds if "incremental" in results else None
+        out = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+               "machine": machine_info(world), "world_size": world, "n_classes": n_classes,
+               "n_experiences": cfg.n_experiences, "sample_shape": list(sample_shape),
+               "train_samples": len(train), "test_samples": len(test),
+               "methods": {n: summarise(r, inc) for n, r in results.items()}}
+        out["total_seconds"] = _reduce_max([time.perf_counter() - start], world)[0]
+        if rank == 0:
+            from .report import write_report
+
+            write_report(out, cfg.output_dir, plots=cfg.plots)
+        return out
+    finally:
+        if created:
+            _dist().destroy_process_group()

@@ -1,0 +1,171 @@
+"""The compared methods. Each trains a fresh copy of the same network on the stream and
+returns its accuracy matrix, training time and buffer footprint.
+
+* ``incremental``: Avalanche's ``Naive``, no replay (the lower bound).
+* ``from_scratch``: after each experience, a fresh network trained on the union of all
+  experiences seen so far (Avalanche's ``JointTraining``; the upper bound).
+* ``stock_replay``: ``Naive`` + Avalanche's ``ReplayPlugin`` with a ``ClassBalancedBuffer``
+  of budget M. Every rank holds the whole buffer (M samples per rank).
+* ``ours``: ``Naive`` + :class:`DistributedReplayPlugin` with global budget M (M / N per rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .cli import Config
+from .evaluation import evaluate
+from .models import build_model
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """One method's outcome on this rank.
+
+    ``accuracy``: the ``n x n`` matrix ``R[i][j]`` (fractions). ``train_seconds``: time
+    spent in ``strategy.train`` summed over experiences (evaluation excluded).
+    ``buffer_bytes_per_rank``: bytes of rehearsal storage on this rank (0 without one).
+    ``metrics``: the last value of every Avalanche metric the method logged.
+    """
+
+    name: str
+    accuracy: List[List[float]]
+    train_seconds: float
+    buffer_bytes_per_rank: int = 0
+    metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every method needs: the settings, the benchmark, the world and the device."""
+
+    cfg: Config
+    benchmark: object
+    sample_shape: tuple
+    n_classes: int
+    world: int
+    rank: int
+    device: torch.device
+    on_experience: Callable[[str, int], None] = lambda method, exp: None
+    log_file: Optional[io.TextIOBase] = None
+
+
+def _model(ctx: Context) -> nn.Module:
+    model = build_model(ctx.cfg.model, ctx.sample_shape, ctx.n_classes, ctx.cfg.hidden, ctx.cfg.seed)
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)  # averages gradients over ranks
+    return model
+
+
+def _evaluator(metrics=(), loggers=()):
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No loggers specified"
+        return EvaluationPlugin(*metrics, loggers=list(loggers))
+
+
+def _naive(ctx: Context, model: nn.Module, plugins=(), evaluator=None, cls=None):
+    from avalanche.training.supervised import Naive
+
+    cfg = ctx.cfg
+    cls = cls or Naive
+    return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+               criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.batch_size,
+               train_epochs=cfg.epochs, eval_mb_size=512, device=ctx.device,
+               plugins=list(plugins), evaluator=evaluator or _evaluator(), eval_every=-1)
+
+
+def _run_stream(ctx: Context, name: str, strategy, model) -> MethodResult:
+    torch.manual_seed(ctx.cfg.seed)  # the same shuffles for every method
+    matrix, seconds = [], 0.0
+    for i, exp in enumerate(ctx.benchmark.train_stream):
+        start = time.perf_counter()
+        strategy.train(exp, eval_streams=[], num_workers=0)
+        seconds += time.perf_counter() - start
+        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device))
+        ctx.on_experience(name, i)
+    return MethodResult(name, matrix, seconds)
+
+
+def incremental(ctx: Context) -> MethodResult:
+    model = _model(ctx)
+    return _run_stream(ctx, "incremental", _naive(ctx, model), model)
+
+
+def from_scratch(ctx: Context) -> MethodResult:
+    from avalanche.training.supervised import JointTraining
+
+    torch.manual_seed(ctx.cfg.seed)
+    stream = ctx.benchmark.train_stream
+    matrix, seconds = [], 0.0
+    for i in range(len(stream)):
+        model = _model(ctx)
+        strategy = _naive(ctx, model, cls=JointTraining)
+        start = time.perf_counter()
+        strategy.train(stream[: i + 1], eval_streams=[], num_workers=0)
+        seconds += time.perf_counter() - start
+        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device))
+        ctx.on_experience("from_scratch", i)
+    return MethodResult("from_scratch", matrix, seconds)
+
+
+def sample_bytes(sample_shape, dtype=torch.float32) -> int:
+    """Bytes of one stored sample: the input, an int64 class label and an int64 task label."""
+    n = 1
+    for s in sample_shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size() + 2 * 8
+
+
+def stock_replay(ctx: Context) -> MethodResult:
+    from avalanche.training.plugins import ReplayPlugin
+    from avalanche.training.storage_policy import ClassBalancedBuffer
+
+    cfg = ctx.cfg
+    policy = ClassBalancedBuffer(max_size=cfg.mem_size, adaptive_size=True)
+    plugin = ReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=max(1, cfg.replay_mb),
+                          storage_policy=policy)
+    model = _model(ctx)
+    result = _run_stream(ctx, "stock_replay", _naive(ctx, model, [plugin]), model)
+    # Avalanche keeps the buffer as index views of the datasets; we count what the stored
+    # samples weigh (inputs + labels + task labels), as every rank holds all of them.
+    result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape)
+    return result
+
+
+def ours(ctx: Context) -> MethodResult:
+    from avalanche.logging import TextLogger
+
+    from ..integration import DistributedReplayPlugin
+    from ..integration.metrics import buffer_metrics
+
+    cfg = ctx.cfg
+    plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
+                                     sampling=cfg.sampling, async_mode=not cfg.sync, seed=cfg.seed)
+    loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
+    evaluator = _evaluator(buffer_metrics(every="experience"), loggers)
+    model = _model(ctx)
+    try:
+        result = _run_stream(ctx, "ours", _naive(ctx, model, [plugin], evaluator), model)
+        core = plugin.storage_policy.core
+        result.buffer_bytes_per_rank = 0 if core is None else int(core.storage.nbytes)
+        result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
+                          if isinstance(v, (int, float))}
+    finally:
+        plugin.close()
+    return result
+
+
+METHODS: Dict[str, Callable[[Context], MethodResult]] = {
+    "incremental": incremental, "from_scratch": from_scratch,
+    "stock_replay": stock_replay, "ours": ours}

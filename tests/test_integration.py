@@ -1,0 +1,242 @@
+"""The Avalanche integration: storage policy, plugin, strategies, online CL, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from e2e_avalanche_run import digits_benchmark
+
+avalanche = pytest.importorskip("avalanche")
+from avalanche.core import SupervisedPlugin  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
+from avalanche.training import EWC, LwF, Naive  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
+
+from avalanche_distributed_rehearsal import (DistributedRehearsalBuffer,  # noqa: E402
+                                             DistributedReplayPlugin)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return digits_benchmark()
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+class BatchRows(SupervisedPlugin):
+    """Records the rows of every training and evaluation forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.train, self.eval = [], []
+
+    def before_forward(self, strategy, **kwargs):
+        self.train.append((int(strategy.mb_x.shape[0]), strategy.mb_y.clone()))
+
+    def before_eval_forward(self, strategy, **kwargs):
+        self.eval.append(int(strategy.mb_x.shape[0]))
+
+
+def make(strategy_cls, plugins, epochs=1, **kwargs):
+    model = mlp()
+    return strategy_cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        train_mb_size=32, train_epochs=epochs, eval_mb_size=100,
+                        plugins=plugins, evaluator=EvaluationPlugin(
+                            accuracy_metrics(stream=True), loggers=[]), **kwargs)
+
+
+def accuracy(strategy, stream):
+    return strategy.eval(stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+
+
+def test_plugin_appends_representatives_and_leaves_eval_untouched(bench):
+    rows = BatchRows()
+    plugin = DistributedReplayPlugin(mem_size=100, batch_size_mem=8, num_candidates=16)
+    strategy = make(Naive, [plugin, rows])
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    strategy.eval(bench.test_stream[:1])
+    sizes = [n for n, _ in rows.train]
+    assert sizes[0] == 32, "empty buffer at the very first step"
+    assert max(sizes) == 40 and sizes.count(40) >= len(sizes) - 3  # first and last batches differ
+    second_exp_labels = set(rows.train[-2][1][:32].tolist())
+    rehearsed = set(torch.cat([y[32:] for _, y in rows.train[-10:]]).tolist())
+    assert second_exp_labels == {2, 3} and {0, 1} <= rehearsed
+    assert max(rows.eval) <= 100
+    assert len(plugin.storage_policy.buffer) == 100
+    plugin.close()
+
+
+def test_replay_beats_incremental_and_works_with_ewc_and_lwf(bench):
+    def run(strategy_cls, with_replay, **kwargs):
+        plugin = DistributedReplayPlugin(mem_size=200, batch_size_mem=16) if with_replay else None
+        strategy = make(strategy_cls, [plugin] if plugin else [], epochs=6, **kwargs)
+        for exp in bench.train_stream:
+            strategy.train(exp)
+        acc = accuracy(strategy, bench.test_stream)
+        if plugin:
+            plugin.close()
+        return acc
+
+    incremental = run(Naive, False)
+    replay = run(Naive, True)
+    ewc = run(EWC, True, ewc_lambda=0.4, criterion=torch.nn.CrossEntropyLoss())
+    lwf = run(LwF, True, alpha=0.5, temperature=2.0, criterion=torch.nn.CrossEntropyLoss())
+    assert incremental < 0.3
+    assert replay > incremental + 0.3
+    assert ewc > incremental + 0.3 and lwf > incremental + 0.3
+
+
+def test_survives_periodic_evaluation_inside_training(bench):
+    rows = BatchRows()
+    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=4)
+    strategy = make(Naive, [plugin, rows], epochs=2, eval_every=1)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp, eval_streams=[bench.test_stream[:1]])
+    assert rows.eval, "periodic evaluation ran"
+    assert max(rows.eval) <= 100 and max(n for n, _ in rows.train) == 36
+    assert plugin.storage_policy.local_size() == 60
+    plugin.close()
+
+
+def worker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("rehearsal-worker")]
+
+
+def test_online_continual_learning_pays_no_start_up_per_train_call(bench):
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+
+    before = len(worker_threads())
+    plugin = DistributedReplayPlugin(mem_size=50, batch_size_mem=4, num_candidates=8)
+    strategy = make(Naive, [plugin])
+    online = split_online_stream(bench.train_stream[:2], experience_size=32, seed=0)
+    calls = 0
+    worker = None
+    for exp in online:
+        strategy.train(exp)
+        calls += 1
+        if worker is None:
+            worker = plugin.pipeline.worker
+        assert plugin.pipeline.worker is worker
+        assert len(worker_threads()) == before + 1
+    assert calls > 10 and plugin.pipeline.step == calls
+    assert plugin.storage_policy.local_size() == 50
+    plugin.close()
+    assert len(worker_threads()) == before
+
+
+def test_storage_policy_with_the_stock_replay_plugin(bench):
+    policy = DistributedRehearsalBuffer(max_size=80, sampling="class_balanced")
+    rows = BatchRows()
+    strategy = make(Naive, [ReplayPlugin(mem_size=80, batch_size_mem=16, storage_policy=policy), rows])
+    strategy.train(bench.train_stream[0])
+    assert len(policy.buffer) == 80
+    assert policy.core.class_counts() == {0: 40, 1: 40}
+    strategy.train(bench.train_stream[1])
+    assert policy.core.class_counts() == {0: 20, 1: 20, 2: 20, 3: 20}
+    data = policy.buffer
+    assert sorted(set(data.targets)) == [0, 1, 2, 3]
+    assert len(data.targets_task_labels) == 80
+    assert max(n for n, _ in rows.train) == 48, "ReplayDataLoader appended buffer samples"
+    policy.close()
+
+
+def test_update_and_resize(bench):
+    policy = DistributedRehearsalBuffer(max_size=50)
+    strategy = make(Naive, [])
+    strategy.experience = bench.train_stream[0]
+    policy.update(strategy)
+    assert policy.local_size() == 50
+    policy.resize(strategy, 20)
+    assert policy.max_size == 20 and policy.local_size() == 20
+    assert set(policy.core.class_counts().values()) == {10}
+    policy.resize(strategy, 70)
+    assert policy.local_size() == 20 and policy.core.local_capacity == 70
+    policy.post_adapt(strategy, bench.train_stream[1])
+    assert policy.local_size() == 70
+    with pytest.raises(ValueError, match="new_size"):
+        policy.resize(strategy, 0)
+    with pytest.raises(AttributeError, match="read-only"):
+        policy.buffer = None
+    policy.close()
+
+
+def test_resize_between_experiences_keeps_training_consistent(bench):
+    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=8)
+    strategy = make(Naive, [plugin])
+    strategy.train(bench.train_stream[0])
+    plugin.storage_policy.resize(strategy, 30)
+    strategy.train(bench.train_stream[1])
+    assert plugin.storage_policy.local_size() == 30
+    plugin.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mem_size=0), "mem_size"),
+    (dict(mem_size=10, batch_size_mem=-1), "batch_size_mem"),
+    (dict(mem_size=10, num_candidates=-2), "num_candidates"),
+    (dict(mem_size=10, sampling="weird"), "sampling"),
+    (dict(mem_size=10, async_mode="yes"), "async_mode"),
+    (dict(mem_size=10, storage_policy=DistributedRehearsalBuffer(20)), "max_size"),
+    (dict(mem_size=10, timeout=0), "timeout"),
+])
+def test_bad_plugin_arguments_are_rejected(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        DistributedReplayPlugin(**kwargs)
+
+
+def test_minibatches_with_extra_fields_are_rejected(bench):
+    class ExtraField(SupervisedPlugin):
+        def before_training_iteration(self, strategy, **kwargs):
+            strategy.mbatch = list(strategy.mbatch) + [torch.zeros(len(strategy.mb_x))]
+
+    plugin = DistributedReplayPlugin(mem_size=20)
+    strategy = make(Naive, [ExtraField(), plugin])
+    with pytest.raises(ValueError, match=r"\(x, y, task_label\)"):
+        strategy.train(bench.train_stream[0])
+    plugin.close()
+
+
+def run_e2e(tmp_path, nproc, *extra):
+    out = tmp_path / f"out{nproc}{''.join(extra)}"
+    script = os.path.join(HERE, "e2e_avalanche_run.py")
+    if nproc == 1:
+        cmd = [sys.executable, script, "--out", str(out), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--standalone", script, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(nproc)]
+
+
+@pytest.mark.timeout(300)
+def test_end_to_end_one_process(tmp_path):
+    (res,) = run_e2e(tmp_path, 1, "--epochs", "10")
+    assert res["accuracy"] > 0.5
+    assert res["local_size"] == 200 and sum(res["global_counts"]) == 200
+    assert res["max_rows"] == 40
+
+
+@pytest.mark.timeout(400)
+def test_end_to_end_two_ranks_async_equals_sync(tmp_path):
+    results = run_e2e(tmp_path, 2, "--epochs", "10")
+    sync = run_e2e(tmp_path, 2, "--epochs", "10", "--sync")
+    for res in results:
+        assert res["world"] == 2 and res["ddp"] == "DistributedDataParallel"
+        assert res["local_size"] == res["local_capacity"] == 100
+        assert sum(res["global_counts"]) == 200 and set(res["global_counts"]) == {20}
+        assert res["max_rows"] == 40
+        assert res["accuracy"] > 0.45
+    assert results[0]["steps"] == results[1]["steps"]
+    assert [r["accuracy"] for r in results] == [r["accuracy"] for r in sync]

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from avalanche_distributed_rehearsal.core import RecordLayout, ShardStorage
+
+
+def make_layout(shape=(3, 2), dtype=torch.float32):
+    return RecordLayout([("label", (), torch.int64), ("task", (), torch.int64),
+                         ("input", shape, dtype)])
+
+
+def test_fields_are_aligned_and_rows_round_trip():
+    layout = make_layout((5,), torch.uint8)
+    assert layout.row_bytes % 8 == 0
+    assert all(f.offset % 8 == 0 for f in layout.fields.values())
+    rows = torch.zeros((4, layout.row_bytes), dtype=torch.uint8)
+    x = torch.randint(0, 255, (4, 5), dtype=torch.uint8)
+    y = torch.tensor([1, 2, 3, 4])
+    layout.pack({"input": x, "label": y, "task": torch.zeros(4, dtype=torch.int64)}, rows)
+    out = layout.unpack(rows)
+    assert torch.equal(out["input"], x) and torch.equal(out["label"], y)
+
+
+def test_field_view_is_zero_copy():
+    layout = make_layout()
+    rows = torch.zeros((2, layout.row_bytes), dtype=torch.uint8)
+    layout.field_view(rows, "input")[1, 2, 1] = 7.5
+    assert layout.unpack(rows)["input"][1, 2, 1] == 7.5
+    assert layout.field_view(rows, "input").data_ptr() == rows.data_ptr() + layout.fields["input"].offset
+
+
+def test_layout_description_round_trip_and_errors():
+    layout = make_layout((3, 8, 8), torch.float16)
+    assert RecordLayout.from_description(layout.describe()) == layout
+    with pytest.raises(ValueError, match="duplicate"):
+        RecordLayout([("a", (), torch.int64), ("a", (), torch.int64)])
+    with pytest.raises(TypeError):
+        RecordLayout([("a", (), torch.bool)])
+
+
+def test_storage_is_lazily_shaped_and_preallocated():
+    storage = ShardStorage(10, "cpu")
+    assert not storage.allocated and storage.nbytes == 0 and storage.size == 0
+    layout = make_layout()
+    storage.allocate(layout)
+    assert storage.rows.shape == (10, layout.row_bytes)
+    assert storage.nbytes == 10 * layout.row_bytes
+    with pytest.raises(ValueError, match="already laid out"):
+        storage.allocate(make_layout((4,)))
+
+
+def test_storage_pins_cpu_memory_only_when_cuda_exists():
+    storage = ShardStorage(4, "cpu")
+    assert storage.pin_memory == torch.cuda.is_available()
+    storage.allocate(make_layout())
+    assert storage.rows.is_pinned() == torch.cuda.is_available()
+
+
+def test_storage_write_gather_and_resize():
+    layout = make_layout((2,))
+    storage = ShardStorage(5, "cpu")
+    storage.allocate(layout)
+    records = torch.zeros((3, layout.row_bytes), dtype=torch.uint8)
+    layout.pack({"input": torch.arange(6.).view(3, 2), "label": torch.tensor([0, 1, 2]),
+                 "task": torch.zeros(3, dtype=torch.int64)}, records)
+    storage.write(torch.tensor([0, 1, 2]), records)
+    assert storage.size == 3
+    got = layout.unpack(storage.gather(torch.tensor([2, 0])))
+    assert got["label"].tolist() == [2, 0]
+    storage.resize(2, keep=torch.tensor([2, 1]))
+    assert storage.capacity == 2 and storage.size == 2
+    assert storage.fields()["label"].tolist() == [2, 1]
+    with pytest.raises(IndexError):
+        storage.write(torch.tensor([5]), records[:1])
