@@ -19,6 +19,7 @@ from .validation import (NONFINITE_POLICIES, check_batch, check_choice, check_in
                          check_label_values, finite_rows)
 
 INPUT, LABEL, TASK = "input", "label", "task"
+STATE_VERSION = 1
 
 
 def split_budget(total: int, world_size: int, rank: int) -> int:
@@ -90,10 +91,14 @@ class ShardedRehearsalBuffer:
         self.last_exchange = ExchangeStats()
         self.rejected_nonfinite = 0
 
+    def public_config(self) -> dict:
+        """The settings every rank must share (JSON-able)."""
+        return {"mem_size": self.mem_size, "sampling": self.sampling, "seed": self.seed,
+                "nonfinite": self.nonfinite, **self.config}
+
     @property
     def _config_digest(self) -> int:
-        return _digest({"mem_size": self.mem_size, "sampling": self.sampling, "seed": self.seed,
-                        "nonfinite": self.nonfinite, **self.config})
+        return _digest(self.public_config())
 
     def resize(self, mem_size: int) -> None:
         """Change the global budget. Shrinking evicts class-balanced (largest class first).
@@ -281,6 +286,100 @@ class ShardedRehearsalBuffer:
         if out_device is not None:
             rows = rows.to(out_device, non_blocking=True)
         return {name: t.contiguous() for name, t in self.storage.layout.unpack(rows).items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's shard: rows, reservoir counters and RNG, as CPU tensors and plain data."""
+        layout = self.storage.layout
+        rows = (self.storage.rows[: self.storage.size].to("cpu", copy=True)
+                if self.storage.rows is not None else torch.zeros((0, 8), dtype=torch.uint8))
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "config": self.public_config(),
+                "layout": layout.describe() if layout is not None else None,
+                "rows": rows, "reservoir": self.reservoir.state_dict(),
+                "label_width": self._label_width}
+
+    def _check_state(self, state: dict) -> Optional[RecordLayout]:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"state must be a shard state of version {STATE_VERSION}, got "
+                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+        layout = RecordLayout.from_description(state["layout"]) if state["layout"] else None
+        if layout is not None and self.storage.layout is not None and layout != self.storage.layout:
+            raise ValueError(f"state holds samples laid out as {layout.describe()}, this buffer "
+                             f"holds {self.storage.layout.describe()}")
+        rows = state["rows"]
+        n = len(state["reservoir"]["label_of_slot"])
+        if rows.shape[0] != n or (layout is not None and n and rows.shape[1] != layout.row_bytes):
+            raise ValueError(f"state is inconsistent: {rows.shape[0]} rows for {n} reservoir slots")
+        return layout
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore this rank's shard exactly (same world size, rank and configuration)."""
+        layout = self._check_state(state)
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"state of rank {state['rank']}/{state['world_size']} cannot be "
+                             f"loaded on rank {self.rank}/{self.world_size}; use load_union()")
+        if state["config"] != self.public_config():
+            raise ValueError(f"state configuration {state['config']} differs from this "
+                             f"buffer's {self.public_config()}")
+        if layout is not None:
+            self.storage.allocate(layout)
+            self.storage.resize(self.storage.capacity, keep=torch.arange(0))
+            self.storage.write(torch.arange(state["rows"].shape[0]), state["rows"])
+        self.reservoir.load_state_dict(state["reservoir"])
+        self._label_width = int(state["label_width"])
+
+    def load_union(self, states: list) -> None:
+        """Take this rank's share of the union of ``states`` saved by any number of ranks.
+
+        Samples are sorted by (class, saved rank, saved slot) and dealt round-robin over the
+        ranks, so classes stay balanced across shards. While the union fits the budget
+        nothing is lost; otherwise each rank evicts class-balanced down to its capacity.
+        Per-class "seen" counters are split in proportion to the samples each rank gets.
+        """
+        layouts = [self._check_state(s) for s in states]
+        known = [lay for lay in layouts if lay is not None]
+        if any(lay != known[0] for lay in known):
+            raise ValueError("saved shards hold samples of different layouts")
+        entries, seen_total = [], {}
+        for r, state in enumerate(states):
+            for slot, label in enumerate(state["reservoir"]["label_of_slot"]):
+                entries.append((label, r, slot))
+            for c, n in state["reservoir"]["seen"].items():
+                seen_total[int(c)] = seen_total.get(int(c), 0) + int(n)
+        entries.sort()
+        mine = entries[self.rank::self.world_size]
+        stored_total = {}
+        for label, _, _ in entries:
+            stored_total[label] = stored_total.get(label, 0) + 1
+        capacity = self.local_capacity_for_budget
+        held = max(len(mine), capacity)
+        reservoir = ClassBalancedReservoir(held, seed=derive_seed(self.seed, self.rank, 0x5EED,
+                                                                  len(states)))
+        for slot, (label, _, _) in enumerate(mine):
+            reservoir.label_of_slot.append(label)
+            reservoir.slots_by_class.setdefault(label, []).append(slot)
+        for c, total in seen_total.items():
+            have = len(reservoir.slots_by_class.get(c, []))
+            share = (total * have // stored_total[c]) if stored_total.get(c) else total // self.world_size
+            reservoir.seen[c] = max(have, share)
+        if known:
+            self.storage.allocate(known[0])
+            self.storage.resize(held, keep=torch.arange(0))
+            if mine:
+                rows = torch.stack([states[r]["rows"][slot] for _, r, slot in mine])
+                self.storage.write(torch.arange(len(mine)), rows)
+        else:
+            self.storage.resize(held, keep=torch.arange(0))
+        if held > capacity:
+            keep = reservoir.shrink(capacity)
+            self.storage.resize(capacity, keep=torch.tensor(keep, dtype=torch.int64))
+        self.reservoir = reservoir
+        self._label_width = max([int(s["label_width"]) for s in states] + [0])
+
+    @property
+    def local_capacity_for_budget(self) -> int:
+        return split_budget(self.mem_size, self.world_size, self.rank)
 
     def close(self) -> None:
         self.exchange.close()

@@ -132,6 +132,15 @@ class RehearsalPipeline:
         self.drain()
         self._ready = None
 
+    def state_dict(self) -> dict:
+        """The step counter (prepared representatives are re-drawn on resume, identically)."""
+        self.drain()
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.invalidate()
+        self.step = int(state["step"])
+
     def close(self) -> None:
         """Drain and stop the worker thread (the buffer, and its process group, stay open)."""
         try:

@@ -152,6 +152,22 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
                 raise ValueError(f"new_size ({new_size}) must be at least the world size ({world})")
         self.max_size = new_size
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's shard state (see ``ShardedRehearsalBuffer.state_dict``)."""
+        core = self._idle()
+        if core is None:
+            raise RuntimeError("the buffer is not created yet (no update or training step ran)")
+        return core.state_dict()
+
+    def load_state_dict(self, state: dict, default_device="cpu") -> None:
+        """Restore this rank's shard (same world size); see ``load_buffer_checkpoint`` for elastic loads."""
+        core = self.materialize(default_device)
+        self._idle()
+        core.load_state_dict(state)
+        if self.pipeline is not None:
+            self.pipeline.invalidate()
+
     # ------------------------------------------------------------------ introspection
     def local_size(self) -> int:
         core = self._idle()
