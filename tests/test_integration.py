@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from e2e_avalanche_run import digits_benchmark
+from digits_replay import digits_benchmark
 
 avalanche = pytest.importorskip("avalanche")
 from avalanche.core import SupervisedPlugin  # noqa: E402
@@ -209,7 +209,7 @@ def test_minibatches_with_extra_fields_are_rejected(bench):
 
 def run_e2e(tmp_path, nproc, *extra):
     out = tmp_path / f"out{nproc}{''.join(extra)}"
-    script = os.path.join(HERE, "e2e_avalanche_run.py")
+    script = os.path.join(HERE, "..", "examples", "digits_replay.py")
     if nproc == 1:
         cmd = [sys.executable, script, "--out", str(out), *extra]
     else:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from e2e_avalanche_run import digits_benchmark
+from digits_replay import digits_benchmark
 
 pytest.importorskip("avalanche")
 from avalanche.training import Naive  # noqa: E402

@@ -1,7 +1,7 @@
 """An end-to-end Avalanche run (Naive + DistributedReplayPlugin on scikit-learn digits).
 
 Runs in one process or under ``torchrun``; each rank writes ``rank<R>.json`` to ``--out``.
-Used by tests/test_integration.py.
+Also used by tests/test_integration.py.
 """
 
 import argparse
