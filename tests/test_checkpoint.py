@@ -127,13 +127,16 @@ def _loaded(path, **kwargs):
     return buf
 
 
-def _fresh_with_data():
-    buf = ShardedRehearsalBuffer(30, seed=3)
+def _fresh_with_data(**kwargs):
+    buf = ShardedRehearsalBuffer(30, **{"seed": 3, **kwargs})
     buf.insert(*rank_batch(5, 0))
-    return buf, buf.state_dict()
+    return buf
 
 
-def _unchanged(buf, state):
+def _rejected_without_changes(buf, path, match):
+    state = buf.state_dict()
+    with pytest.raises(CheckpointError, match=match):
+        load_buffer_checkpoint(buf, path)
     after = buf.state_dict()
     assert torch.equal(after["rows"], state["rows"]) and after["reservoir"] == state["reservoir"]
 
@@ -143,10 +146,7 @@ def test_truncated_checkpoint_is_rejected_without_changes(tmp_path):
     shard = os.path.join(path, "shard-00000.pt")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    buf, state = _fresh_with_data()
-    with pytest.raises(CheckpointError, match="truncated"):
-        load_buffer_checkpoint(buf, path)
-    _unchanged(buf, state)
+    _rejected_without_changes(_fresh_with_data(), path, "truncated")
 
 
 def test_checkpoint_of_another_version_is_rejected(tmp_path):
@@ -155,20 +155,13 @@ def test_checkpoint_of_another_version_is_rejected(tmp_path):
     manifest = json.load(open(manifest_file))
     manifest["version"] = 99
     json.dump(manifest, open(manifest_file, "w"))
-    buf, state = _fresh_with_data()
-    with pytest.raises(CheckpointError, match="version 99"):
-        load_buffer_checkpoint(buf, path)
-    _unchanged(buf, state)
+    _rejected_without_changes(_fresh_with_data(), path, "version 99")
 
 
 def test_checkpoint_of_another_configuration_is_rejected(tmp_path):
     path = saved_buffer(tmp_path)
-    buf = ShardedRehearsalBuffer(30, seed=4, sampling="class_balanced")
-    buf.insert(*rank_batch(5, 0))
-    state = buf.state_dict()
-    with pytest.raises(CheckpointError, match="sampling.*seed|seed.*sampling"):
-        load_buffer_checkpoint(buf, path)
-    _unchanged(buf, state)
+    _rejected_without_changes(_fresh_with_data(seed=4, sampling="class_balanced"), path,
+                              "sampling.*seed|seed.*sampling")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
