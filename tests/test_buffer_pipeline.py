@@ -177,3 +177,46 @@ def test_candidates_clamped_to_small_batches():
     pipe.drain()
     assert len(buf) == 3
     pipe.close()
+
+
+def excluding_run(async_mode):
+    buf = ShardedRehearsalBuffer(60, sampling="class_balanced", seed=2)
+    pipe = RehearsalPipeline(buf, batch_size_mem=8, num_candidates=6, async_mode=async_mode)
+    outs, records = [], []
+    for i in range(30):
+        if i == 10:
+            pipe.exclude([3, 1, 3])
+        if i == 20:
+            pipe.exclude([])
+        outs.append(pipe.augment(*batch(i), offer=i % 3 != 2))
+        records.append(pipe.last_draw)
+    state = pipe.state_dict()
+    pipe.close()
+    return buf, outs, records, state
+
+
+def test_exclusion_and_offer_flag_are_exact_in_both_modes():
+    runs = [excluding_run(mode) for mode in (True, False)]
+    for (_, a, _, _), (_, b, _, _) in zip(runs, runs[1:]):
+        assert all(torch.equal(u, v) for x, y in zip(a, b) for u, v in zip(x, y))
+    buf, outs, records, state = runs[0]
+    assert state == {"step": 30, "excluded": []}
+    for i, ((x, y, _), record) in enumerate(zip(outs, records)):
+        reps = y[16:]
+        assert record.step == i and len(reps) == record.stats.representatives
+        if 10 <= i < 20:
+            assert record.excluded == (1, 3) and not set(reps.tolist()) & {1, 3}
+            assert len(reps) == 8
+    assert any(set(y[16:].tolist()) & {1, 3} for _, y, _ in outs[20:])
+    # steps with offer=False add nothing: 20 offering steps x 6 candidates
+    assert sum(buf.reservoir.seen.values()) == 6 * sum(1 for i in range(30) if i % 3 != 2)
+
+
+def test_exclude_rejects_negative_labels_without_changing_anything():
+    buf = ShardedRehearsalBuffer(20)
+    pipe = RehearsalPipeline(buf, batch_size_mem=2, num_candidates=2)
+    pipe.exclude([1])
+    with pytest.raises(ValueError, match="excluded labels"):
+        pipe.exclude([2, -1])
+    assert pipe.excluded == (1,)
+    pipe.close()

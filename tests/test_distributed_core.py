@@ -74,7 +74,7 @@ def test_global_budget_no_duplicates_and_fill(world):
     assert len(sources) > 1
 
 
-def unequal_draws(rank, world, sampling, steps):
+def unequal_draws(rank, world, sampling, steps, exclude=()):
     from avalanche_distributed_rehearsal.core import ShardedRehearsalBuffer
 
     buf = ShardedRehearsalBuffer(200, sampling=sampling, seed=5)
@@ -87,7 +87,7 @@ def unequal_draws(rank, world, sampling, steps):
                    torch.full((4,), 4))
     got = []
     for step in range(steps):
-        reps = buf.draw(4, step)
+        reps = buf.draw(4, step, exclude=exclude)
         got.append((reps["input"].flatten().long().tolist(), reps["label"].tolist()))
     buf.close()
     return got
@@ -117,6 +117,41 @@ def test_class_balanced_sampling_is_exact_over_unequal_shards():
     for c in range(4):
         assert chisquare([within[i] for i in range(c, 40, 4)]).pvalue > 1e-3
     assert chisquare([within[i] for i in range(100, 104)]).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "class_balanced"])
+def test_excluded_classes_are_never_drawn_and_the_rest_stays_exact(sampling):
+    # rank 0 holds classes 0..3 (ids 0..39, id % 4 = class), rank 1 holds class 4
+    results = run_ranks(unequal_draws, 2, sampling, 400, (0, 4))
+    hits, classes = Counter(), Counter()
+    for per_rank in results:
+        for sample_ids, labels in per_rank:
+            assert len(sample_ids) == 4 and not set(labels) & {0, 4}
+            hits.update(sample_ids)
+            classes.update(labels)
+    eligible = [i for i in range(40) if i % 4]
+    assert set(hits) == set(eligible)
+    assert chisquare([hits[i] for i in eligible]).pvalue > 1e-3
+    assert chisquare(list(classes.values())).pvalue > 1e-3
+
+
+def mismatched_exclusion(rank, world):
+    from avalanche_distributed_rehearsal.core import ShardedRehearsalBuffer
+
+    buf = ShardedRehearsalBuffer(20, seed=0)
+    buf.insert(torch.zeros(2, 1), torch.tensor([0, 1]))
+    try:
+        buf.draw(2, 0, exclude=[rank])
+    except RuntimeError as exc:
+        return str(exc), len(buf)
+    finally:
+        buf.close()
+    return "no error", len(buf)
+
+
+def test_ranks_excluding_different_classes_fail_clearly_everywhere():
+    for message, size in run_ranks(mismatched_exclusion, 2):
+        assert "excluded different classes" in message and size == 2
 
 
 @pytest.mark.parametrize("mem", [40, 400])

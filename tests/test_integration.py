@@ -59,21 +59,55 @@ def accuracy(strategy, stream):
     return strategy.eval(stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
 
 
-def test_plugin_appends_representatives_and_leaves_eval_untouched(bench):
+def steps_of(exp, batch=32):
+    return -(-len(exp.dataset) // batch)
+
+
+def test_plugin_appends_past_representatives_and_leaves_eval_untouched(bench):
     rows = BatchRows()
     plugin = DistributedReplayPlugin(mem_size=100, batch_size_mem=8, num_candidates=16)
     strategy = make(Naive, [plugin, rows])
     for exp in bench.train_stream[:2]:
         strategy.train(exp)
     strategy.eval(bench.test_stream[:1])
-    sizes = [n for n, _ in rows.train]
-    assert sizes[0] == 32, "empty buffer at the very first step"
-    assert max(sizes) == 40 and sizes.count(40) >= len(sizes) - 3  # first and last batches differ
-    second_exp_labels = set(rows.train[-2][1][:32].tolist())
-    rehearsed = set(torch.cat([y[32:] for _, y in rows.train[-10:]]).tolist())
-    assert second_exp_labels == {2, 3} and {0, 1} <= rehearsed
+    n0 = steps_of(bench.train_stream[0])
+    first, second = rows.train[:n0], rows.train[n0:]
+    # experience 0 introduces all its classes: nothing is replayed yet
+    assert all(n <= 32 and set(y.tolist()) <= {0, 1} for n, y in first)
+    # experience 1: every full batch gets r = 8 representatives, all of past classes
+    assert [n for n, _ in second[:-1]] == [40] * (len(second) - 1)
+    assert all(set(y[:32].tolist()) <= {2, 3} for _, y in second[:-1])
+    rehearsed = torch.cat([y[32:] for _, y in second[:-1]])
+    assert set(rehearsed.tolist()) == {0, 1}
     assert max(rows.eval) <= 100
     assert len(plugin.storage_policy.buffer) == 100
+    assert plugin.seen_classes == {0, 1, 2, 3}
+    plugin.close()
+
+
+def test_replay_new_classes_replays_the_current_experience_too(bench):
+    rows = BatchRows()
+    plugin = DistributedReplayPlugin(mem_size=100, batch_size_mem=8, num_candidates=16,
+                                     replay_new_classes=True)
+    strategy = make(Naive, [plugin, rows])
+    strategy.train(bench.train_stream[0])
+    sizes = [n for n, _ in rows.train]
+    assert sizes[0] == 32, "empty buffer at the very first step"
+    assert sizes[1:-1] == [40] * (len(sizes) - 2)
+    assert set(torch.cat([y[32:] for _, y in rows.train[1:]]).tolist()) == {0, 1}
+    plugin.close()
+
+
+def test_candidates_are_offered_in_the_first_epoch_only(bench):
+    plugin = DistributedReplayPlugin(mem_size=1000, batch_size_mem=4)
+    strategy = make(Naive, [plugin], epochs=3)
+    exp = bench.train_stream[0]
+    strategy.train(exp)
+    core = plugin.storage_policy.core
+    assert sum(core.reservoir.seen.values()) == len(exp.dataset)  # each sample offered once
+    stored = core.local_tensors()["input"]
+    assert len(core) == len(exp.dataset)
+    assert torch.unique(stored, dim=0).shape[0] == len(exp.dataset)  # no sample stored twice
     plugin.close()
 
 

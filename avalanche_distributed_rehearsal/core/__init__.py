@@ -3,7 +3,7 @@
 Nothing here imports Avalanche, so the core can be used, tested and benchmarked alone.
 """
 
-from .buffer import ExchangeStats, ShardedRehearsalBuffer, split_budget
+from .buffer import DrawRecord, ExchangeStats, ShardedRehearsalBuffer, split_budget
 from .exchange import LocalExchange, ProcessGroupExchange, default_exchange
 from .layout import RecordLayout
 from .pipeline import RehearsalPipeline
@@ -13,7 +13,7 @@ from .storage import ShardStorage
 from .worker import BackgroundWorker, WorkerTimeoutError
 
 __all__ = [
-    "BackgroundWorker", "ClassBalancedReservoir", "ExchangeStats", "LocalExchange",
+    "BackgroundWorker", "ClassBalancedReservoir", "DrawRecord", "ExchangeStats", "LocalExchange",
     "ProcessGroupExchange", "RecordLayout", "RehearsalPipeline", "SAMPLING_MODES",
     "SamplingPlan", "ShardStorage", "ShardedRehearsalBuffer", "WorkerTimeoutError",
     "default_exchange", "plan_draws", "sample_distinct", "split_budget",

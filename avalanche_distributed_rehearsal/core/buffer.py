@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -42,6 +42,29 @@ class ExchangeStats:
     metadata_sent: int = 0
     metadata_received: int = 0
     representatives: int = 0
+
+
+@dataclass(frozen=True)
+class DrawRecord:
+    """What one collective draw saw and moved, on this rank.
+
+    Attributes:
+        step: the step the draw was made for.
+        counts: ``(world, L)`` int64 CPU tensor: stored samples per class label on every
+            rank at the time of the draw (row ``w`` is rank ``w``'s shard), excluded
+            classes included. Owned by the record: never modified afterwards.
+        excluded: the class labels left out of the draw.
+        stats: this rank's traffic for the draw.
+    """
+
+    step: int
+    counts: torch.Tensor
+    excluded: tuple
+    stats: ExchangeStats
+
+    @property
+    def global_size(self) -> int:
+        return int(self.counts.sum())
 
 
 class ShardedRehearsalBuffer:
@@ -89,6 +112,7 @@ class ShardedRehearsalBuffer:
         self.config = dict(config or {})
         self._label_width = 0
         self.last_exchange = ExchangeStats()
+        self.last_draw: Optional[DrawRecord] = None
         self.rejected_nonfinite = 0
 
     def public_config(self) -> dict:
@@ -209,10 +233,11 @@ class ShardedRehearsalBuffer:
             counts[c] = n
         return counts
 
-    def gather_counts(self) -> torch.Tensor:
+    def gather_counts(self, excluded: tuple = ()) -> torch.Tensor:
         """Collective. ``(world, L)`` int64: stored samples per class label on every rank.
 
-        Also checks that every rank runs the same configuration and sample layout.
+        Also checks that every rank runs the same configuration and sample layout, and
+        passed the same ``excluded`` labels (a sorted tuple; see :meth:`draw`).
         """
         counts_by_class = self.reservoir.class_counts()
         need = max(counts_by_class, default=-1) + 1
@@ -220,7 +245,8 @@ class ShardedRehearsalBuffer:
         layout_digest = _digest(layout.describe()) if layout is not None else 0
         while True:
             width = self._label_width
-            header = torch.tensor([need, self._config_digest, layout_digest], dtype=torch.int64)
+            header = torch.tensor([need, self._config_digest, layout_digest, _digest(excluded)],
+                                  dtype=torch.int64)
             message = torch.cat([header, self._local_counts(max(width, need))[:width]])
             gathered = self.exchange.all_gather(message)
             self.last_exchange.metadata_sent = message.numel() * 8
@@ -229,6 +255,9 @@ class ShardedRehearsalBuffer:
                 raise RuntimeError("ranks passed different buffer configurations (mem_size, "
                                    "sampling, seed, batch_size_mem, num_candidates or nonfinite "
                                    "differ between ranks); every rank must use the same ones")
+            if len(set(gathered[:, 3].tolist())) > 1:
+                raise RuntimeError("ranks excluded different classes from the draw; every rank "
+                                   "must pass the same excluded labels at the same step")
             all_digests = gathered[:, 2].tolist()
             digests = {d for d in all_digests if d != 0}
             if len(digests) > 1:
@@ -241,7 +270,7 @@ class ShardedRehearsalBuffer:
                 continue
             widest = int(gathered[:, 0].max())
             if widest <= width:
-                return gathered[:, 3:]
+                return gathered[:, 4:]
             self._label_width = widest
 
     def _adopt_layout(self) -> None:
@@ -255,28 +284,53 @@ class ShardedRehearsalBuffer:
         if mine is None:
             self.storage.allocate(RecordLayout.from_description(known))
 
-    def draw(self, r: int, step: int, out_device: Optional[torch.device] = None
-             ) -> Dict[str, torch.Tensor]:
-        """Collective. Draw ``min(r, global size)`` representatives from the union of shards.
+    def draw(self, r: int, step: int, out_device: Optional[torch.device] = None,
+             exclude: Iterable[int] = ()) -> Dict[str, torch.Tensor]:
+        """Collective. Draw ``min(r, eligible size)`` representatives from the union of shards.
 
-        Every rank must call it with the same ``r`` and ``step``. Returns ``input``
+        Every rank must call it with the same ``r``, ``step`` and ``exclude``. Samples whose
+        class label is in ``exclude`` are never drawn. Returns ``input``
         ``(d, *sample_shape)``, ``label`` ``(d,)`` int64 and ``task`` ``(d,)`` int64, in
         draw order, on ``out_device`` (default: the storage device). The tensors are new:
-        the caller owns them. Returns an empty dict while the whole buffer is empty.
+        the caller owns them. Returns an empty dict while nothing is eligible. Afterwards
+        :attr:`last_draw` and :attr:`last_exchange` describe this draw.
         """
-        counts = self.gather_counts()
-        plan = plan_draws(counts, r, self.sampling, generator(self.seed, step, 0xD1A))
+        excluded = tuple(sorted({int(c) for c in exclude}))
+        counts = self.gather_counts(excluded)
+        eligible = counts
+        if excluded:
+            eligible = counts.clone()
+            columns = [c for c in excluded if 0 <= c < counts.shape[1]]
+            eligible[:, columns] = 0
+        plan = plan_draws(eligible, r, self.sampling, generator(self.seed, step, 0xD1A))
         stats = self.last_exchange
         stats.representatives = plan.d
-        if plan.d == 0 or self.storage.layout is None:
-            stats.payload_sent = stats.payload_received = 0
-            return {}
-        splits, local, label = plan.sends(self.rank)
+        try:
+            if plan.d == 0 or self.storage.layout is None:
+                stats.payload_sent = stats.payload_received = 0
+                return {}
+            return self._exchange(plan, excluded, stats, out_device)
+        finally:
+            self.last_draw = DrawRecord(step, counts, excluded, replace(stats))
+
+    def _local_slots(self, local: torch.Tensor, label: Optional[torch.Tensor],
+                     excluded: tuple) -> torch.Tensor:
+        """Storage slots of the draws this rank serves (``local`` indexes as the plan says)."""
         if label is not None:
             by_class = self.reservoir.slots_by_class
-            local = torch.tensor([by_class[c][j] for c, j in zip(label.tolist(), local.tolist())],
-                                 dtype=torch.int64)
-        send = self.storage.gather(local)
+            return torch.tensor([by_class[c][j] for c, j in zip(label.tolist(), local.tolist())],
+                                dtype=torch.int64)
+        if not excluded:
+            return local
+        # Uniform over eligible samples: local index j is the j-th eligible slot.
+        slot_labels = torch.tensor(self.reservoir.label_of_slot, dtype=torch.int64)
+        eligible = ~torch.isin(slot_labels, torch.tensor(excluded, dtype=torch.int64))
+        return torch.nonzero(eligible).flatten()[local]
+
+    def _exchange(self, plan, excluded: tuple, stats: ExchangeStats,
+                  out_device: Optional[torch.device]) -> Dict[str, torch.Tensor]:
+        splits, local, label = plan.sends(self.rank)
+        send = self.storage.gather(self._local_slots(local, label, excluded))
         recv_splits = plan.receive_splits(self.rank, self.world_size)
         recv = self.exchange.all_to_all(send, splits.tolist(), recv_splits.tolist())
         stats.payload_sent = send.numel()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .buffer import INPUT, LABEL, TASK, ShardedRehearsalBuffer
+from .buffer import INPUT, LABEL, TASK, DrawRecord, ShardedRehearsalBuffer
 from .seeding import derive_seed
 from .validation import check_int
 from .worker import BackgroundWorker
@@ -30,6 +30,11 @@ class RehearsalPipeline:
 
     ``async_mode=False`` runs the job inline instead; for the same seed both modes produce
     the same shards and the same augmented batches, bit for bit.
+
+    Classes in :attr:`excluded` (see :meth:`exclude`) are never drawn. After each
+    :meth:`augment`, :attr:`last_draw` describes the draw whose representatives that step
+    received (global per-class counts and this rank's traffic), :attr:`wait_seconds` the
+    time the calling thread waited for them.
 
     Args:
         buffer: the shard; the pipeline becomes its only user (call :meth:`drain` before
@@ -53,18 +58,21 @@ class RehearsalPipeline:
         self.worker = BackgroundWorker(timeout=timeout, device=buffer.device
                                        if buffer.device.type == "cuda" else None)
         self._pending: Optional[Future] = None
-        self._ready: Optional[Representatives] = None
+        self._ready: Optional[Tuple[Representatives, Optional[DrawRecord]]] = None
+        self.excluded: tuple = ()
         self.wait_seconds = 0.0
         self.last_representatives = 0
+        self.last_draw: Optional[DrawRecord] = None
 
     # ------------------------------------------------------------------ the step
     def augment(self, inputs: torch.Tensor, labels: torch.Tensor,
-                task_labels: Optional[torch.Tensor] = None
+                task_labels: Optional[torch.Tensor] = None, offer: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(inputs', labels', task_labels')``: the batch followed by its representatives.
 
         Every rank must call it once per training step. ``inputs`` is ``(b, ...)``;
         the outputs have ``b + d`` rows, on ``inputs.device``, in the batch's dtypes.
+        ``offer=False`` offers no candidate this step (the batch was offered before).
         Candidates are copied before the call returns work to the worker; the caller
         may reuse its tensors freely.
         """
@@ -72,14 +80,16 @@ class RehearsalPipeline:
         if task_labels is None:
             task_labels = torch.zeros_like(labels)
         reps = self._take(inputs.device)
-        cand_x, cand_y, cand_t = self._candidates(inputs, labels, task_labels)
-        job_step = self.step + 1
+        cand_x, cand_y, cand_t = self._candidates(inputs, labels, task_labels,
+                                                  self.num_candidates if offer else 0)
+        job_step, excluded = self.step + 1, self.excluded
         if self.async_mode:
             self._pending = self.worker.submit(
-                lambda x, y, t: self._insert_and_draw(x, y, t, job_step, inputs.device),
+                lambda x, y, t: self._insert_and_draw(x, y, t, job_step, inputs.device, excluded),
                 cand_x, cand_y, cand_t)
         else:
-            self._ready = self._insert_and_draw(cand_x, cand_y, cand_t, job_step, inputs.device)
+            self._ready = self._insert_and_draw(cand_x, cand_y, cand_t, job_step, inputs.device,
+                                                excluded)
         self.step += 1
         self.last_representatives = len(reps[LABEL]) if reps else 0
         if not reps:
@@ -88,29 +98,52 @@ class RehearsalPipeline:
                 torch.cat([labels, reps[LABEL].to(labels.dtype)]),
                 torch.cat([task_labels, reps[TASK].to(task_labels.dtype)]))
 
-    def _candidates(self, inputs, labels, task_labels):
+    def _candidates(self, inputs, labels, task_labels, num_candidates: int):
         b = inputs.shape[0]
-        c = min(self.num_candidates, b)
+        c = min(num_candidates, b)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.buffer.rank, self.step, 0xCA))
         index = torch.randperm(b, generator=gen)[:c].to(inputs.device, non_blocking=True)
         return inputs.index_select(0, index), labels.index_select(0, index), task_labels.index_select(0, index)
 
-    def _insert_and_draw(self, x, y, t, step: int, out_device) -> Representatives:
+    def _insert_and_draw(self, x, y, t, step: int, out_device, excluded: tuple):
         if x.shape[0]:
             self.buffer.insert(x, y, t)
-        return self.buffer.draw(self.batch_size_mem, step, out_device)
+        reps = self.buffer.draw(self.batch_size_mem, step, out_device, exclude=excluded)
+        return reps, self.buffer.last_draw
 
     def _take(self, device) -> Representatives:
         start = time.perf_counter()
         if self._pending is not None:
             future, self._pending = self._pending, None
-            reps = self.worker.result(future)
+            reps, record = self.worker.result(future)
         elif self._ready is not None:
-            reps, self._ready = self._ready, None
+            (reps, record), self._ready = self._ready, None
         else:
-            reps = self.buffer.draw(self.batch_size_mem, self.step, device)
+            reps = self.buffer.draw(self.batch_size_mem, self.step, device, exclude=self.excluded)
+            record = self.buffer.last_draw
         self.wait_seconds = time.perf_counter() - start
+        self.last_draw = record
         return reps
+
+    def exclude(self, labels: Iterable[int]) -> None:
+        """Never draw samples of these class labels from now on (replaces the previous set).
+
+        Collective in effect: every rank must pass the same labels at the same step. When
+        the set changes, representatives prepared under the old set are dropped and the
+        next :meth:`augment` draws inline.
+        """
+        excluded = tuple(sorted({int(c) for c in labels}))
+        if any(c < 0 for c in excluded):
+            raise ValueError(f"excluded labels must be >= 0, got {list(excluded)}")
+        if excluded != self.excluded:
+            self.invalidate()
+            self.excluded = excluded
+
+    def newest_draw(self) -> Optional[DrawRecord]:
+        """The most recent finished draw: the one prepared for the next step (after waiting
+        for it), else the one of the last step. Re-raises a worker exception."""
+        self.drain()
+        return self._ready[1] if self._ready is not None else self.last_draw
 
     # ------------------------------------------------------------------ lifecycle
     def drain(self) -> None:
@@ -133,13 +166,18 @@ class RehearsalPipeline:
         self._ready = None
 
     def state_dict(self) -> dict:
-        """The step counter (prepared representatives are re-drawn on resume, identically)."""
+        """The step counter and excluded labels (prepared representatives are re-drawn on
+        resume, identically)."""
         self.drain()
-        return {"step": self.step}
+        return {"step": self.step, "excluded": list(self.excluded)}
 
     def load_state_dict(self, state: dict) -> None:
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"state['step'] must be an int >= 0, got {step!r}")
         self.invalidate()
-        self.step = int(state["step"])
+        self.exclude(state.get("excluded", ()))
+        self.step = step
 
     def close(self) -> None:
         """Drain and stop the worker thread (the buffer, and its process group, stay open)."""

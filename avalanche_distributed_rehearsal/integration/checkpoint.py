@@ -3,7 +3,7 @@
 ``save_training_checkpoint`` writes, into one atomically replaced directory, the buffer
 checkpoint of :mod:`avalanche_distributed_rehearsal.core.checkpoint` (one shard per rank
 and a manifest) plus ``training.pt``: the model's and optimizer's ``state_dict``, the
-strategy clock's counters, the plugin's step counter and rank 0's random number generator
+strategy clock's counters, the plugin's state (step counter, classes seen) and rank 0's random number generator
 states (torch, Python, NumPy: data-loader shuffling draws from them), all plain tensors
 and ints.
 """
@@ -39,13 +39,13 @@ def save_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     of the next experience) is stored in the manifest and returned by the loader.
     """
     core = plugin._ensure_pipeline(strategy).buffer
-    pipeline_state = plugin.pipeline.state_dict()
+    plugin_state = plugin.state_dict()
     training = {"model": _unwrap(strategy.model).state_dict(),
                 "optimizer": strategy.optimizer.state_dict(),
-                "clock": _clock_state(strategy), "pipeline": pipeline_state,
+                "clock": _clock_state(strategy), "plugin": plugin_state,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state()}}
-    save_buffer_checkpoint(core, path, step=pipeline_state["step"], extra=extra,
+    save_buffer_checkpoint(core, path, step=plugin_state["pipeline"]["step"], extra=extra,
                            rank0_files={TRAINING_FILE: training})
 
 
@@ -71,7 +71,7 @@ def load_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     strategy.optimizer.load_state_dict(training["optimizer"])
     for key, value in training["clock"].items():
         setattr(strategy.clock, key, value)
-    pipeline.load_state_dict(training["pipeline"])
+    plugin.load_state_dict(training["plugin"], strategy)
     torch.set_rng_state(training["rng"]["torch"])
     random.setstate(training["rng"]["python"])
     np.random.set_state(training["rng"]["numpy"])

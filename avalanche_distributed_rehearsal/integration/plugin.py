@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Set
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -23,6 +23,10 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     samples are offered to this rank's shard. The buffer work (insert, sample, exchange)
     runs in a background thread (on its own CUDA stream on GPU) while the model computes.
 
+    Candidates are offered during the first epoch of each experience only, so every
+    sample of the stream is offered at most once (re-offering it in later epochs would
+    let the buffer hold copies of the same sample).
+
     Args:
         mem_size: global budget M: samples stored over all ranks together.
         batch_size_mem: r, representatives appended to every mini-batch. Default: a
@@ -38,6 +42,15 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         storage_policy: an existing :class:`DistributedRehearsalBuffer` to use (its
             ``max_size`` must equal ``mem_size``); other storage arguments are then ignored.
         timeout: seconds any wait on the worker or a collective may take.
+        nonfinite: ``"raise"`` (default) rejects batches with NaN or Inf inputs;
+            ``"skip"`` keeps such samples out of the buffer.
+        replay_new_classes: False (default): while an experience trains, samples of the
+            classes it introduces (classes no earlier experience had) are stored but not
+            replayed, so replay spends its ``r`` slots on past classes, as Avalanche's
+            ``ReplayPlugin`` does; they are replayed from the next experience on. True:
+            replay every stored class, as the reference design does. Needs experiences
+            that tell their classes (``classes_in_this_experience`` or
+            ``dataset.targets``); otherwise every stored class is replayed.
 
     Evaluation is left untouched. ``train()`` may be called any number of times (online
     continual learning calls it once per mini-batch): the worker starts once. Call
@@ -49,15 +62,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
                  async_mode: bool = True, seed: int = 0,
                  device: Optional[str | torch.device] = None,
                  storage_policy: Optional[DistributedRehearsalBuffer] = None,
-                 timeout: float = 300.0, nonfinite: str = "raise"):
+                 timeout: float = 300.0, nonfinite: str = "raise",
+                 replay_new_classes: bool = False):
         super().__init__()
         check_int("mem_size", mem_size, 1)
         if batch_size_mem is not None:
             check_int("batch_size_mem", batch_size_mem, 0)
         if num_candidates is not None:
             check_int("num_candidates", num_candidates, 0)
-        if not isinstance(async_mode, bool):
-            raise TypeError(f"async_mode must be a bool, got {async_mode!r}")
+        for name, flag in (("async_mode", async_mode), ("replay_new_classes", replay_new_classes)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if storage_policy is None:
             storage_policy = DistributedRehearsalBuffer(
                 mem_size, sampling=sampling, seed=seed, device=device, nonfinite=nonfinite,
@@ -72,7 +87,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.batch_size_mem = batch_size_mem
         self.num_candidates = num_candidates
         self.async_mode = async_mode
+        self.replay_new_classes = replay_new_classes
         self.storage_policy = storage_policy
+        self.seen_classes: Set[int] = set()
 
     @property
     def pipeline(self) -> Optional[RehearsalPipeline]:
@@ -95,22 +112,59 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training(self, strategy: "SupervisedTemplate", **kwargs):
         self._ensure_pipeline(strategy)
 
+    def before_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
+        pipeline = self._ensure_pipeline(strategy)
+        classes = _experience_classes(strategy.experience)
+        if self.replay_new_classes or classes is None:
+            pipeline.exclude(())
+        else:
+            pipeline.exclude(classes - self.seen_classes)
+
     def before_training_iteration(self, strategy: "SupervisedTemplate", **kwargs):
         mbatch = strategy.mbatch
         if len(mbatch) != 3:
             raise ValueError("DistributedReplayPlugin expects mini-batches of (x, y, task_label); "
                              f"got {len(mbatch)} elements")
-        x, y, t = self._ensure_pipeline(strategy).augment(mbatch[0], mbatch[1], mbatch[2])
+        first_epoch = strategy.clock.train_exp_epochs == 0
+        x, y, t = self._ensure_pipeline(strategy).augment(mbatch[0], mbatch[1], mbatch[2],
+                                                          offer=first_epoch)
         strategy.mbatch = [x, y, t]
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
         if self.pipeline is not None:
             self.pipeline.drain()
+        classes = _experience_classes(strategy.experience)
+        if classes is not None:
+            self.seen_classes |= classes
 
     def after_training(self, strategy: "SupervisedTemplate", **kwargs):
         if self.pipeline is not None:
             self.pipeline.drain()
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The plugin's own state (step counter, excluded and seen classes); the shards
+        are saved by :func:`~avalanche_distributed_rehearsal.core.checkpoint.save_buffer_checkpoint`."""
+        pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
+        return {"pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+
+    def load_state_dict(self, state: dict, strategy: "SupervisedTemplate") -> None:
+        seen = state.get("seen_classes", [])
+        if not all(isinstance(c, int) and c >= 0 for c in seen):
+            raise ValueError(f"state['seen_classes'] must hold class labels >= 0, got {seen!r}")
+        if state.get("pipeline"):
+            self._ensure_pipeline(strategy).load_state_dict(state["pipeline"])
+        self.seen_classes = set(seen)
+
     def close(self) -> None:
         """Stop the background worker and release the buffer's process group."""
         self.storage_policy.close()
+
+
+def _experience_classes(experience) -> Optional[Set[int]]:
+    """The class labels of an experience, the same on every rank, or None if unknown."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        targets = getattr(getattr(experience, "dataset", None), "targets", None)
+        classes = getattr(targets, "uniques", None)
+    return None if classes is None else {int(c) for c in classes}
