@@ -37,9 +37,9 @@ class Config:
     hidden: int = 128
     methods: Tuple[str, ...] = METHODS
     mem_size: int = 200
-    batch_size: int = 32
+    batch_size: int = 16
     replay_batch_size: Optional[int] = None
-    epochs: int = 5
+    epochs: int = 10
     lr: float = 0.05
     momentum: float = 0.9
     sampling: str = "class_balanced"
@@ -52,8 +52,8 @@ class Config:
 
     @property
     def replay_mb(self) -> int:
-        """r: representatives per step for both replay methods (default: the batch size)."""
-        return self.batch_size if self.replay_batch_size is None else self.replay_batch_size
+        """r: replayed samples per step for both replay methods (default: twice the batch size)."""
+        return 2 * self.batch_size if self.replay_batch_size is None else self.replay_batch_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=d.model, help="mlp (default) or resnet18 (image data only)")
     g.add_argument("--hidden", type=str, default=str(d.hidden), help="mlp hidden width (default 128)")
-    g.add_argument("--epochs", type=str, default=str(d.epochs), help="epochs per experience (default 5)")
-    g.add_argument("--batch-size", type=str, default=str(d.batch_size), help="b: mini-batch size per rank (default 32)")
+    g.add_argument("--epochs", type=str, default=str(d.epochs), help="epochs per experience (default 10)")
+    g.add_argument("--batch-size", type=str, default=str(d.batch_size), help="b: mini-batch size per rank (default 16)")
     g.add_argument("--lr", type=str, default=str(d.lr), help="SGD learning rate (default 0.05)")
     g.add_argument("--momentum", type=str, default=str(d.momentum), help="SGD momentum (default 0.9)")
     g.add_argument("--seed", type=str, default=str(d.seed), help="seed of everything (default 0)")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("methods and buffer")
     g.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: global buffer budget, the same for both replay methods (default 200)")
-    g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for both replay methods (default: --batch-size)")
+    g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for both replay methods (default: twice --batch-size)")
     g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
     g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline instead of in the background")
     g = p.add_argument_group("output")

@@ -153,7 +153,9 @@ def ours(ctx: Context) -> MethodResult:
     plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
                                      sampling=cfg.sampling, async_mode=not cfg.sync, seed=cfg.seed)
     loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
-    evaluator = _evaluator(buffer_metrics(every="experience"), loggers)
+    # per experience (into results.json) and per epoch (what the text logger prints)
+    metrics = buffer_metrics(every="experience") + buffer_metrics(every="epoch", class_counts=False)
+    evaluator = _evaluator(metrics, loggers)
     model = _model(ctx)
     try:
         result = _run_stream(ctx, "ours", _naive(ctx, model, [plugin], evaluator), model)

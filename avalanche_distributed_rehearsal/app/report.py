@@ -89,8 +89,9 @@ def plot_accuracy_matrices(results: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(results["methods"].items())
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.4), squeeze=False)
-    for ax, (name, m) in zip(axes[0], methods):
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.4), squeeze=False,
+                             constrained_layout=True)
+    for k, (ax, (name, m)) in enumerate(zip(axes[0], methods)):
         mat = [[v * 100 for v in row] for row in m["accuracy_matrix"]]
         im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
         n = len(mat)
@@ -100,7 +101,8 @@ def plot_accuracy_matrices(results: Dict, path: str) -> None:
                         color="white" if mat[i][j] < 60 else "black")
         ax.set_title(LABELS.get(name, name), fontsize=8)
         ax.set_xlabel("test experience")
-        ax.set_ylabel("after training on")
+        if k == 0:
+            ax.set_ylabel("after training on experience")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,7 +29,8 @@ When the values are taken (``every``):
 Global values never need a collective that only some ranks run. With
 :class:`DistributedReplayPlugin`, every draw already all-gathers the per-class counts of
 every shard (``ShardedRehearsalBuffer.gather_counts``); the metrics keep the ``(world, L)``
-table of the draw in question (see :class:`DrawRecorder`), so the global size and global
+table of the draw in question (``RehearsalPipeline.last_draw``, a
+:class:`~avalanche_distributed_rehearsal.core.DrawRecord`), so the global size and global
 per-class counts are exact, identical on every rank, and free. Without per-step draws
 (the buffer used through the stock ``ReplayPlugin``), the global metrics run two small
 ``all_reduce`` calls (``MAX`` of the label width, then ``SUM`` of a ``(L,)`` int64 count
@@ -40,8 +41,6 @@ metrics never communicate.
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
@@ -49,7 +48,7 @@ from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
 
-from ..core import ExchangeStats, ShardedRehearsalBuffer
+from ..core import DrawRecord, ShardedRehearsalBuffer
 from ..core.validation import check_choice
 from .storage_policy import DistributedRehearsalBuffer
 
@@ -60,77 +59,7 @@ EVERY = ("iteration", "epoch", "experience")
 SCOPES = ("global", "local")
 
 __all__ = ["BufferSize", "BufferClassCounts", "RepresentativesPerStep", "WorkerWaitTime",
-           "ExchangedBytes", "DrawRecorder", "DrawRecord", "buffer_metrics", "find_buffer"]
-
-
-# ---------------------------------------------------------------------- draw records
-@dataclasses.dataclass(frozen=True)
-class DrawRecord:
-    """What one collective draw saw and moved, on this rank.
-
-    Attributes:
-        step: the pipeline step the draw was made for (its representatives are appended
-            to the mini-batch of that step).
-        counts: ``(world, L)`` int64 CPU tensor: stored samples per class label on every
-            rank at the time of the draw (row ``r`` is rank ``r``'s shard).
-        stats: a copy of ``core.last_exchange`` right after the draw (bytes, representatives).
-    """
-
-    step: int
-    counts: torch.Tensor
-    stats: ExchangeStats
-
-
-class DrawRecorder:
-    """Keeps the per-class count table and traffic of the last few draws of a core buffer.
-
-    The core all-gathers every shard's per-class counts at every draw but does not keep
-    them; this recorder wraps the instance's ``gather_counts`` and ``draw`` (nothing in the
-    core is modified) to keep a copy, keyed by step. It runs in whichever thread draws
-    (the background worker); the training thread reads finished records only
-    (:meth:`get`), which is safe under the GIL. Install with :meth:`attach` (idempotent).
-    """
-
-    KEEP = 8
-
-    def __init__(self, core: ShardedRehearsalBuffer):
-        self.records: Dict[int, DrawRecord] = {}
-        self.latest: Optional[int] = None
-        self._counts: Optional[torch.Tensor] = None
-        gather_counts, draw = core.gather_counts, core.draw
-
-        def recording_gather_counts():
-            counts = gather_counts()
-            self._counts = counts.detach().to("cpu", copy=True)
-            return counts
-
-        def recording_draw(r, step, out_device=None):
-            self._counts = None
-            out = draw(r, step, out_device)
-            if self._counts is not None:
-                self.records[step] = DrawRecord(step, self._counts,
-                                                dataclasses.replace(core.last_exchange))
-                self.latest = step
-                for old in [s for s in list(self.records) if s < step - self.KEEP]:
-                    self.records.pop(old, None)
-            return out
-
-        core.gather_counts = recording_gather_counts
-        core.draw = recording_draw
-
-    _lock = threading.Lock()
-
-    @classmethod
-    def attach(cls, core: ShardedRehearsalBuffer) -> "DrawRecorder":
-        with cls._lock:
-            recorder = core.__dict__.get("_adr_draw_recorder")
-            if recorder is None:
-                recorder = cls(core)
-                core.__dict__["_adr_draw_recorder"] = recorder
-            return recorder
-
-    def get(self, step: int) -> Optional[DrawRecord]:
-        return self.records.get(step)
+           "ExchangedBytes", "buffer_metrics", "find_buffer"]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -200,35 +129,25 @@ class _BufferMetric(PluginMetric):
 
     def _core(self, strategy) -> Optional[ShardedRehearsalBuffer]:
         policy = self._policy(strategy)
-        core = None if policy is None else policy.core
-        if core is not None:
-            DrawRecorder.attach(core)
-        return core
+        return None if policy is None else policy.core
 
     def _record(self, strategy, phase: str) -> Optional[DrawRecord]:
         """The draw whose view of the buffer the values describe (see module docstring):
-        after an experience (buffer drained) the latest draw, otherwise the draw of the
-        step that just ran."""
+        after an experience the newest draw (every candidate inserted), otherwise the draw
+        of the step that just ran."""
         policy = self._policy(strategy)
-        core = self._core(strategy)
-        if core is None or policy.pipeline is None:
+        if policy is None or policy.pipeline is None:
             return None
-        recorder = DrawRecorder.attach(core)
-        step = policy.pipeline.step
         if phase == "experience":
-            return recorder.get(step) or recorder.get(step - 1)
-        return recorder.get(step - 1)
+            return policy.pipeline.newest_draw()
+        return policy.pipeline.last_draw
 
     def _emit(self, strategy, value, suffix: str = "") -> MetricValue:
         name = get_metric_name(self, strategy, add_task=False) + suffix
         return MetricValue(self, name, value, strategy.clock.train_iterations)
 
     # -- hooks
-    def before_training(self, strategy, **kwargs):
-        self._core(strategy)  # install the recorder before the first draw
-
     def before_training_exp(self, strategy, **kwargs):
-        self._core(strategy)
         if self.every == "experience":
             self._start_period()
 

@@ -1,0 +1,76 @@
+"""Avalanche's stock ReplayPlugin with a DistributedRehearsalBuffer as its storage policy.
+
+    python examples/stock_replay_with_distributed_buffer.py
+    torchrun --nproc-per-node=2 examples/stock_replay_with_distributed_buffer.py
+
+Used this way the buffer is updated once per experience (``post_adapt``): each rank inserts
+its share of the experience into its shard (M / N samples per rank instead of Avalanche's
+M on every rank) and ``ReplayPlugin`` replays from the rank's own shard. For globally
+sampled, per-step replay use ``DistributedReplayPlugin`` (see train_distributed.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from avalanche.benchmarks import nc_benchmark  # import Avalanche before the process group
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.supervised import Naive
+from sklearn.datasets import load_digits
+from torch.utils.data import TensorDataset
+
+from avalanche_distributed_rehearsal import DistributedRehearsalBuffer
+from avalanche_distributed_rehearsal.integration.metrics import BufferSize
+
+MEM_SIZE = 200
+
+
+def main() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    train, test = TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
+    train.targets, test.targets = y[tr].tolist(), y[te].tolist()
+    bm = nc_benchmark(train, test, n_experiences=5, task_labels=False, seed=0,
+                      fixed_class_order=list(range(10)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    policy = DistributedRehearsalBuffer(max_size=MEM_SIZE, sampling="class_balanced", seed=0)
+    replay = ReplayPlugin(mem_size=MEM_SIZE, batch_size_mem=32, storage_policy=policy)
+    evaluator = EvaluationPlugin(BufferSize("global"), BufferSize("local"), loggers=[])
+    strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                     torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=10,
+                     device="cpu", plugins=[replay], evaluator=evaluator, eval_every=-1)
+    try:
+        for exp in bm.train_stream:
+            strategy.train(exp, eval_streams=[])
+        sizes = {k.split("/")[0]: v for k, v in evaluator.get_last_metrics().items()}
+    finally:
+        policy.close()
+
+    net = getattr(model, "module", model).eval()
+    with torch.no_grad():
+        xs, ys = test.tensors
+        acc = (net(xs).argmax(1) == ys).float().mean().item()
+    if rank == 0:
+        print(f"world {world}: test accuracy {acc * 100:.1f}% | buffer: "
+              f"{sizes['Buffer_GlobalSize_Exp']} samples in all, "
+              f"{sizes['Buffer_LocalSize_Exp']} on rank 0")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

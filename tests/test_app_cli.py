@@ -1,0 +1,125 @@
+"""The main job: argument errors, a tiny in-process run, determinism, and 2 ranks via torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avalanche_distributed_rehearsal.app.cli import METHODS, parse_args
+from avalanche_distributed_rehearsal.app.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "1", "--mem-size", "50", "--no-progress"]
+ROW_BYTES = 64 * 4 + 8 + 8  # digits sample: 64 float32 + int64 label + int64 task label
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "two"], "--epochs"),
+    (["--methods", "ours,magic"], "--methods"),
+    (["--methods", "ours,ours"], "--methods"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--model", "resnet18"], "--model resnet18"),
+    (["--synthetic-shape", "1,2,3,4"], "--synthetic-shape"),
+    (["--mem-size", "abc"], "--mem-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--momentum", "1"], "--momentum"),
+    (["--sampling", "greedy"], "--sampling"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--n-experiences", "3"], "--n-experiences"),  # needs the data: checked at run time
+])
+def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
+    assert main(TINY + ["--output-dir", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert err.startswith("avalanche_distributed_rehearsal: error:")
+
+
+def test_missing_torchvision_data_is_a_clear_error(capsys, tmp_path):
+    assert main(["--dataset", "mnist", "--data-root", str(tmp_path), "--output-dir", str(tmp_path)] + TINY) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--download" in err and "MNIST" in err
+
+
+def test_defaults():
+    cfg = parse_args([])
+    assert cfg.dataset == "digits" and cfg.methods == METHODS and cfg.n_experiences == 5
+    assert cfg.replay_mb == 2 * cfg.batch_size
+
+
+def _check_results(res, world, mem=50, epochs=1):
+    assert res["world_size"] == world
+    assert list(res["methods"]) == list(METHODS)
+    for name, m in res["methods"].items():
+        mat = m["accuracy_matrix"]
+        assert len(mat) == 5 and all(len(r) == 5 and all(0 <= v <= 1 for v in r) for r in mat)
+        assert m["final_average_accuracy"] == pytest.approx(sum(mat[-1]) / 5)
+        assert m["average_forgetting"] == pytest.approx(
+            sum(max(mat[i][j] for i in range(j, 4)) - mat[4][j] for j in range(4)) / 4)
+        assert m["train_seconds"] > 0
+    ms = res["methods"]
+    assert ms["incremental"]["overhead_vs_incremental"] == 0.0
+    assert ms["incremental"]["buffer_bytes_per_rank"] == ms["from_scratch"]["buffer_bytes_per_rank"] == 0
+    assert ms["ours"]["buffer_bytes_per_rank"] == (mem // world) * ROW_BYTES  # M / N rows per rank
+    assert ms["stock_replay"]["buffer_bytes_per_rank"] == mem * ROW_BYTES     # M on every rank
+    bm = ms["ours"]["buffer_metrics"]
+    assert bm["Buffer_GlobalSize_Exp/train_phase/train_stream"] == mem
+    assert bm["Buffer_LocalSize_Exp/train_phase/train_stream"] == mem // world
+    assert res["config"]["epochs"] == epochs
+    # every method learns the first experience (even one epoch, before any replay)
+    assert all(m["accuracy_matrix"][0][0] > 0.5 for m in ms.values())
+
+
+@pytest.mark.timeout(300)
+def test_in_process_run_writes_everything(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--output-dir", str(out)] + TINY) == 0
+    stdout = capsys.readouterr().out
+    assert "| method | final avg. accuracy (%)" in stdout and "ours (DistributedReplayPlugin)" in stdout
+    res = json.loads((out / "results.json").read_text())
+    _check_results(res, 1)
+    for f in ("results.md", "accuracy_curves.png", "accuracy_matrix.png", "ours_buffer_metrics.log"):
+        assert (out / f).stat().st_size > 0
+    assert "Buffer_GlobalSize_Epoch" in (out / "ours_buffer_metrics.log").read_text()
+    # the same seed gives the same numbers
+    out2 = tmp_path / "again"
+    assert main(["--output-dir", str(out2), "--methods", "ours,stock_replay", "--no-plots"] + TINY) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    for name in ("ours", "stock_replay"):
+        assert res2["methods"][name]["accuracy_matrix"] == res["methods"][name]["accuracy_matrix"]
+
+
+@pytest.mark.timeout(300)
+def test_synthetic_images_with_resnet18(tmp_path):
+    argv = ["--dataset", "synthetic", "--synthetic-size", "60", "--synthetic-shape", "3,8,8",
+            "--synthetic-classes", "4", "--n-experiences", "2", "--model", "resnet18",
+            "--methods", "incremental,ours", "--batch-size", "8", "--no-plots",
+            "--output-dir", str(tmp_path)] + TINY
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["sample_shape"] == [3, 8, 8] and res["n_classes"] == 4
+    assert res["methods"]["ours"]["buffer_bytes_per_rank"] == 50 * (3 * 8 * 8 * 4 + 16)
+
+
+@pytest.mark.timeout(300)
+def test_default_main_job_on_two_ranks_with_torchrun(tmp_path):
+    """The README's first command (the defaults, 2 ranks) and the accuracy it claims."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+           "-m", "avalanche_distributed_rehearsal", "--output-dir", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| method | final avg. accuracy") == 1  # rank 0 only
+    res = json.loads((out / "results.json").read_text())
+    _check_results(res, 2, mem=200, epochs=10)
+    acc = {name: m["final_average_accuracy"] for name, m in res["methods"].items()}
+    assert acc["ours"] >= acc["incremental"] + 0.50
+    assert acc["ours"] >= acc["stock_replay"] - 0.02
+    assert acc["from_scratch"] >= acc["ours"] - 0.01
