@@ -204,6 +204,14 @@ class _CountsMetric(_BufferMetric):
         local = core.class_counts()  # no pipeline: the core is idle in this thread
         return _allreduce_counts(local) if self.scope == "global" else local
 
+    @property
+    def base_name(self):
+        return f"Buffer_{self.scope.capitalize()}{self.stem}"
+
+    def _take(self, strategy, phase):
+        counts = self._counts(strategy, phase)
+        return None if counts is None else self._values(strategy, counts)
+
 
 class BufferSize(_CountsMetric):
     """Samples stored in the buffer: ``scope="global"`` (all shards) or ``"local"`` (this rank).
@@ -211,14 +219,9 @@ class BufferSize(_CountsMetric):
     Value: ``int``. Name: ``Buffer_GlobalSize_{MB,Exp}`` / ``Buffer_LocalSize_{MB,Exp}``.
     """
 
-    @property
-    def base_name(self):
-        return "Buffer_GlobalSize" if self.scope == "global" else "Buffer_LocalSize"
+    stem = "Size"
 
-    def _take(self, strategy, phase):
-        counts = self._counts(strategy, phase)
-        if counts is None:
-            return None
+    def _values(self, strategy, counts):
         self._value = int(sum(counts.values()))
         return self._emit(strategy, self._value)
 
@@ -230,14 +233,9 @@ class BufferClassCounts(_CountsMetric):
     :meth:`result` is the whole ``{class: count}`` dict.
     """
 
-    @property
-    def base_name(self):
-        return "Buffer_GlobalClassCount" if self.scope == "global" else "Buffer_LocalClassCount"
+    stem = "ClassCount"
 
-    def _take(self, strategy, phase):
-        counts = self._counts(strategy, phase)
-        if counts is None:
-            return None
+    def _values(self, strategy, counts):
         self._value = dict(sorted(counts.items()))
         return [self._emit(strategy, n, f"/Class{c}") for c, n in self._value.items()]
 
