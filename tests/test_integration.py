@@ -274,3 +274,34 @@ def test_end_to_end_two_ranks_async_equals_sync(tmp_path):
         assert res["accuracy"] > 0.45
     assert results[0]["steps"] == results[1]["steps"]
     assert [r["accuracy"] for r in results] == [r["accuracy"] for r in sync]
+
+
+def test_plugin_state_dict_round_trip_and_bad_state(bench):
+    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=4, seed=3)
+    strategy = make(Naive, [plugin])
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    state = plugin.state_dict()
+    assert state["pipeline"]["step"] == plugin.pipeline.step and state["seen_classes"] == [0, 1, 2, 3]
+    rows = state["buffer"]["rows"].clone()
+
+    restored = DistributedReplayPlugin(mem_size=60, batch_size_mem=4, seed=3)
+    for bad in ({"pipeline": {}}, {"pipeline": {}, "seen_classes": [-1]},
+                {"pipeline": {"step": "3"}, "seen_classes": []}):
+        with pytest.raises(ValueError, match="state"):
+            restored.load_state_dict(bad)
+    restored.load_state_dict(state)  # no strategy yet: applied at the first step
+    other = make(Naive, [restored])
+    other.model.load_state_dict(strategy.model.state_dict())
+    restored.before_training(other)  # what train() calls first
+    assert torch.equal(restored.storage_policy.core.state_dict()["rows"], rows)
+    assert restored.pipeline.step == state["pipeline"]["step"] and restored.seen_classes == {0, 1, 2, 3}
+    # both continue identically on the next experience
+    for s in (strategy, other):
+        s.optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+        torch.manual_seed(7)  # the data loader's shuffling
+        s.train(bench.train_stream[2])
+    assert torch.equal(torch.cat([p.flatten() for p in strategy.model.parameters()]),
+                       torch.cat([p.flatten() for p in other.model.parameters()]))
+    plugin.close()
+    restored.close()

@@ -39,7 +39,7 @@ def save_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     of the next experience) is stored in the manifest and returned by the loader.
     """
     core = plugin._ensure_pipeline(strategy).buffer
-    plugin_state = plugin.state_dict()
+    plugin_state = plugin.state_dict(include_buffer=False)  # shards go to their own files
     training = {"model": _unwrap(strategy.model).state_dict(),
                 "optimizer": strategy.optimizer.state_dict(),
                 "clock": _clock_state(strategy), "plugin": plugin_state,

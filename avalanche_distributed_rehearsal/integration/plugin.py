@@ -90,6 +90,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.replay_new_classes = replay_new_classes
         self.storage_policy = storage_policy
         self.seen_classes: Set[int] = set()
+        self._pending_state: Optional[dict] = None
 
     @property
     def pipeline(self) -> Optional[RehearsalPipeline]:
@@ -106,6 +107,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             policy.pipeline = RehearsalPipeline(core, batch_size_mem=r, num_candidates=c,
                                                 async_mode=self.async_mode,
                                                 timeout=policy.timeout)
+            if self._pending_state is not None:
+                state, self._pending_state = self._pending_state, None
+                self.load_state_dict(state, strategy)
         return policy.pipeline
 
     # ------------------------------------------------------------------ hooks
@@ -142,18 +146,46 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             self.pipeline.drain()
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """The plugin's own state (step counter, excluded and seen classes); the shards
-        are saved by :func:`~avalanche_distributed_rehearsal.core.checkpoint.save_buffer_checkpoint`."""
-        pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
-        return {"pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+    def state_dict(self, include_buffer: bool = True) -> dict:
+        """This rank's plugin state, as plain data and CPU tensors.
 
-    def load_state_dict(self, state: dict, strategy: "SupervisedTemplate") -> None:
-        seen = state.get("seen_classes", [])
-        if not all(isinstance(c, int) and c >= 0 for c in seen):
+        ``buffer``: this rank's shard (rows, class quotas, reservoir counters and RNG; see
+        ``ShardedRehearsalBuffer.state_dict``), None before the first training step or
+        with ``include_buffer=False``; ``pipeline``: the step counter and excluded
+        classes; ``seen_classes``: classes of the experiences trained so far. Loading it
+        needs the same world size and configuration; to resume on another number of ranks,
+        use :func:`~avalanche_distributed_rehearsal.integration.checkpoint.save_training_checkpoint`.
+        """
+        pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
+        buffer = None
+        if include_buffer and self.storage_policy.core is not None:
+            buffer = self.storage_policy.state_dict()
+        return {"buffer": buffer, "pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+
+    def load_state_dict(self, state: dict, strategy: Optional["SupervisedTemplate"] = None) -> None:
+        """Restore :meth:`state_dict`'s output (collective when it holds a shard).
+
+        Without ``strategy`` and before the first training step, the state is kept and
+        applied at the first step (the strategy decides the device and ``r``).
+        """
+        if not isinstance(state, dict) or not {"pipeline", "seen_classes"} <= set(state):
+            raise ValueError("state must be a dict from DistributedReplayPlugin.state_dict() "
+                             "with 'pipeline' and 'seen_classes'")
+        seen = state["seen_classes"]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in seen):
             raise ValueError(f"state['seen_classes'] must hold class labels >= 0, got {seen!r}")
-        if state.get("pipeline"):
-            self._ensure_pipeline(strategy).load_state_dict(state["pipeline"])
+        step = state["pipeline"].get("step", 0) if state["pipeline"] else 0
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"state['pipeline']['step'] must be an int >= 0, got {step!r}")
+        if strategy is None and self.pipeline is None:
+            self._pending_state = state
+            return
+        pipeline = self._ensure_pipeline(strategy) if strategy is not None else self.pipeline
+        if state.get("buffer") is not None:
+            pipeline.invalidate()
+            self.storage_policy.load_state_dict(state["buffer"])
+        if state["pipeline"]:
+            pipeline.load_state_dict(state["pipeline"])
         self.seen_classes = set(seen)
 
     def close(self) -> None:
