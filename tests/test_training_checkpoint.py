@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from digits_replay import digits_benchmark
+from dist_harness import run_ranks
 
 pytest.importorskip("avalanche")
 from avalanche.training import Naive  # noqa: E402
@@ -51,3 +52,161 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
     plugin.close()
     assert plugin.storage_policy.core.class_counts() == {c: 10 for c in range(8)}
     assert torch.equal(params(strategy), straight)
+
+
+# --------------------------------------------------------------------------- several ranks
+# Each rank trains a DDP replica on its share of every experience (Avalanche's loaders
+# shard the data over the ranks once a process group exists) and keeps its buffer shard.
+MULTI_EXPS = 4
+
+
+def fresh_ddp(mem_size=80):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    plugin = DistributedReplayPlugin(mem_size=mem_size, batch_size_mem=8, seed=1, timeout=60)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    strategy = Naive(model=model, optimizer=optimizer, train_mb_size=16, train_epochs=2,
+                     plugins=[plugin], evaluator=None, device="cpu")
+    return strategy, plugin
+
+
+def shard_rows(plugin):
+    """This rank's buffer as sorted ``(label, input bytes)`` pairs: a sample's identity."""
+    fields = plugin.storage_policy.core.local_tensors()
+    if not fields:
+        return []
+    return sorted((int(y), x.numpy().tobytes()) for x, y in zip(fields["input"], fields["label"]))
+
+
+def scramble_rngs():
+    """Resuming must not lean on the random state the process happens to have."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(4242)
+    random.seed(4242)
+    np.random.seed(4242)
+
+
+def straight_multi_rank(rank, world):
+    bench = digits_benchmark()
+    torch.manual_seed(123)
+    strategy, plugin = fresh_ddp()
+    for exp in bench.train_stream[:MULTI_EXPS]:
+        strategy.train(exp)
+    plugin.close()
+    return {"params": params(strategy), "rows": shard_rows(plugin)}
+
+
+def save_then_resume_multi_rank(rank, world, path):
+    bench = digits_benchmark()
+    torch.manual_seed(123)
+    strategy, plugin = fresh_ddp()
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    save_training_checkpoint(path, strategy, plugin, extra={"next": 2})
+    saved_params, saved_step = params(strategy), plugin.pipeline.step
+    plugin.close()
+    del strategy, plugin
+
+    scramble_rngs()
+    strategy, plugin = fresh_ddp()
+    extra = load_training_checkpoint(path, strategy, plugin)
+    assert extra == {"next": 2} and strategy.clock.train_exp_counter == 2
+    assert plugin.pipeline.step == saved_step and torch.equal(params(strategy), saved_params)
+    for exp in bench.train_stream[extra["next"]:MULTI_EXPS]:
+        strategy.train(exp)
+    plugin.close()
+    return {"params": params(strategy), "rows": shard_rows(plugin)}
+
+
+@pytest.mark.timeout(120)
+def test_two_rank_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
+    straight = run_ranks(straight_multi_rank, 2, timeout=100)
+    resumed = run_ranks(save_then_resume_multi_rank, 2, str(tmp_path / "run"), timeout=100)
+    # DDP keeps the replicas equal; resuming reproduces them bit for bit.
+    assert torch.equal(straight[0]["params"], straight[1]["params"])
+    for rank in range(2):
+        assert torch.equal(resumed[rank]["params"], straight[rank]["params"])
+        assert resumed[rank]["rows"] == straight[rank]["rows"]  # every shard, sample for sample
+        assert len(straight[rank]["rows"]) == 40
+
+
+def save_after_two(rank, world, path):
+    bench = digits_benchmark()
+    torch.manual_seed(123)
+    strategy, plugin = fresh_ddp()
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    save_training_checkpoint(path, strategy, plugin, extra={"next": 2})
+    out = {"params": params(strategy), "rows": shard_rows(plugin), "step": plugin.pipeline.step}
+    plugin.close()
+    return out
+
+
+def resume_elsewhere(rank, world, path):
+    bench = digits_benchmark()
+    scramble_rngs()
+    strategy, plugin = fresh_ddp()
+    extra = load_training_checkpoint(path, strategy, plugin)
+    loaded = {"params": params(strategy), "rows": shard_rows(plugin), "extra": extra,
+              "step": plugin.pipeline.step, "exp_counter": strategy.clock.train_exp_counter}
+    for exp in bench.train_stream[extra["next"]:MULTI_EXPS]:
+        strategy.train(exp)
+    core = plugin.storage_policy.core
+    after = {"params": params(strategy), "step": plugin.pipeline.step,
+             "global_counts": core.gather_counts().sum(0).tolist(), "local": len(core),
+             "capacity": core.local_capacity}
+    plugin.close()
+    return {"loaded": loaded, "after": after}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("loaded_world", [1, 3])
+def test_two_rank_checkpoint_resumes_on_another_world_size(tmp_path, loaded_world):
+    path = str(tmp_path / "run")
+    saved = run_ranks(save_after_two, 2, path, timeout=100)
+    resumed = run_ranks(resume_elsewhere, loaded_world, path, timeout=120)
+    saved_union = sorted(row for r in saved for row in r["rows"])
+    loaded_union = sorted(row for r in resumed for row in r["loaded"]["rows"])
+    assert len(saved_union) == 80
+    assert loaded_union == saved_union  # no sample lost, none duplicated
+    for r in resumed:
+        loaded, after = r["loaded"], r["after"]
+        assert loaded["extra"] == {"next": 2} and loaded["exp_counter"] == 2
+        assert loaded["step"] == saved[0]["step"]
+        assert torch.equal(loaded["params"], saved[0]["params"])  # the model, exactly
+        # Training went on: more steps, a changed model, a full buffer of 8 classes.
+        assert after["step"] > loaded["step"]
+        assert torch.isfinite(after["params"]).all()
+        assert not torch.equal(after["params"], loaded["params"])
+        assert after["local"] == after["capacity"]
+        assert sum(after["global_counts"]) == 80
+        assert [c > 0 for c in after["global_counts"][:8]] == [True] * 8
+    assert torch.equal(resumed[0]["after"]["params"], resumed[-1]["after"]["params"])
+
+
+def rng_after_resume(rank, world, path):
+    bench = digits_benchmark()
+    strategy, plugin = fresh_ddp()
+    strategy.train(bench.train_stream[0])
+    torch.manual_seed(1000 + rank)  # dropout, augmentations...: each rank its own stream
+    save_training_checkpoint(path, strategy, plugin)
+    expected = torch.rand(3)
+    plugin.close()
+    scramble_rngs()
+    strategy, plugin = fresh_ddp()
+    load_training_checkpoint(path, strategy, plugin)
+    plugin.close()
+    return expected, torch.rand(3)
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_gets_its_own_random_state_back(tmp_path):
+    results = run_ranks(rng_after_resume, 2, str(tmp_path / "run"), timeout=100)
+    for expected, got in results:
+        assert torch.equal(expected, got)
+    assert not torch.equal(results[0][0], results[1][0])
+    assert sorted(p.name for p in (tmp_path / "run").glob("rng-*.pt")) == ["rng-00000.pt", "rng-00001.pt"]

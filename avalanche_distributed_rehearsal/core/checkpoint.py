@@ -8,6 +8,8 @@ Directory format (``FORMAT_VERSION`` 1)::
                               "step": S, "shards": [{"file": "shard-00000.pt", "rank": 0,
                               "size": n0, "bytes": b0}, ...]}
     <path>/shard-<rank>.pt   torch.save of ShardedRehearsalBuffer.state_dict() on that rank
+    <path>/<name>            rank 0's extra files (``rank0_files``), e.g. training.pt
+    <path>/<name>-<rank>.pt  every rank's extra files (``rank_files``), e.g. rng-00001.pt
 
 A save writes everything into ``<path>.tmp``, then swaps it in with renames; a crash at any
 point leaves the previous checkpoint whole, at ``<path>`` or (between the two renames)
@@ -43,6 +45,18 @@ def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}.pt"
 
 
+def rank_file_name(name: str, rank: int) -> str:
+    """The file that holds rank ``rank``'s object ``name`` of ``rank_files``."""
+    return f"{name}-{rank:05d}.pt"
+
+
+def _save(obj, file: str) -> None:
+    with open(file, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -56,12 +70,16 @@ def _fsync_dir(path: str) -> None:
 
 def save_buffer_checkpoint(buffer: ShardedRehearsalBuffer, path: str, step: int = 0,
                            extra: Optional[dict] = None,
-                           rank0_files: Optional[dict] = None) -> None:
+                           rank0_files: Optional[dict] = None,
+                           rank_files: Optional[dict] = None) -> None:
     """Collective. Write every rank's shard and a manifest to directory ``path``.
 
     ``path`` must be on a file system every rank sees. ``step`` and ``extra`` (JSON-able)
     are stored in the manifest; ``rank0_files`` maps file names to objects that rank 0
-    writes with ``torch.save`` inside the same atomic directory (model, optimizer...).
+    writes with ``torch.save`` inside the same atomic directory (model, optimizer...);
+    ``rank_files`` maps names to objects every rank writes, to
+    :func:`rank_file_name` ``(name, rank)`` (random number generator states...). Every
+    rank must pass the same names.
     """
     path = os.path.abspath(path)
     tmp, old = path + ".tmp", path + ".old"
@@ -70,17 +88,12 @@ def save_buffer_checkpoint(buffer: ShardedRehearsalBuffer, path: str, step: int 
         os.makedirs(tmp)
     _barrier(buffer)
     state = buffer.state_dict()
-    shard_file = os.path.join(tmp, _shard_name(buffer.rank))
-    with open(shard_file, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _save(state, os.path.join(tmp, _shard_name(buffer.rank)))
+    for name, obj in (rank_files or {}).items():
+        _save(obj, os.path.join(tmp, rank_file_name(name, buffer.rank)))
     if buffer.rank == 0:
         for name, obj in (rank0_files or {}).items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _save(obj, os.path.join(tmp, name))
     _barrier(buffer)
     if buffer.rank == 0:
         shards = []
@@ -91,7 +104,8 @@ def save_buffer_checkpoint(buffer: ShardedRehearsalBuffer, path: str, step: int 
         manifest = {"format": FORMAT, "version": FORMAT_VERSION,
                     "world_size": buffer.world_size, "config": buffer.public_config(),
                     "layout": state["layout"], "step": int(step), "extra": extra or {},
-                    "shards": shards, "files": sorted(rank0_files or {})}
+                    "shards": shards, "files": sorted(rank0_files or {}),
+                    "rank_files": sorted(rank_files or {})}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()

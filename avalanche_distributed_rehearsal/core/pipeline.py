@@ -114,8 +114,7 @@ class RehearsalPipeline:
     def _take(self, device) -> Representatives:
         start = time.perf_counter()
         if self._pending is not None:
-            future, self._pending = self._pending, None
-            reps, record = self.worker.result(future)
+            reps, record = self._wait_pending()
         elif self._ready is not None:
             (reps, record), self._ready = self._ready, None
         else:
@@ -153,8 +152,21 @@ class RehearsalPipeline:
         read or modified from the calling thread.
         """
         if self._pending is not None:
-            future, self._pending = self._pending, None
-            self._ready = self.worker.result(future)
+            self._ready = self._wait_pending()
+
+    def _wait_pending(self):
+        """Wait for the job in flight; forget it once it has ended (with a value or an error).
+
+        Interrupted (Ctrl-C) or timed out, the job is still running: it stays pending, so
+        the next step, :meth:`drain` or :meth:`state_dict` waits for it again instead of
+        using the buffer while the worker does.
+        """
+        future = self._pending
+        try:
+            return self.worker.result(future)
+        finally:
+            if future.done():
+                self._pending = None
 
     def invalidate(self) -> None:
         """Drop prepared representatives (after the buffer changed outside the pipeline).
@@ -180,9 +192,16 @@ class RehearsalPipeline:
         self.step = step
 
     def close(self) -> None:
-        """Drain and stop the worker thread (the buffer, and its process group, stay open)."""
+        """Drain and stop the worker thread (the buffer, and its process group, stay open).
+
+        If that wait fails (a worker error, a timeout, Ctrl-C), the thread is told to stop
+        after its current job without a second wait, and the error is raised.
+        """
+        if self.worker.closed:
+            return
         try:
-            if not self.worker.closed:
-                self.drain()
-        finally:
-            self.worker.close()
+            self.drain()
+        except BaseException:
+            self.worker.close(wait=False)
+            raise
+        self.worker.close()
