@@ -220,3 +220,13 @@ def test_exclude_rejects_negative_labels_without_changing_anything():
         pipe.exclude([2, -1])
     assert pipe.excluded == (1,)
     pipe.close()
+
+
+def test_augment_after_close_fails_at_once():
+    buf = ShardedRehearsalBuffer(20)
+    pipe = RehearsalPipeline(buf, batch_size_mem=2, num_candidates=2)
+    pipe.augment(*batch(0))
+    pipe.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.augment(*batch(1))
+    assert pipe.step == 1 and len(buf) == 2

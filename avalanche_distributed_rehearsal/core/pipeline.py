@@ -76,6 +76,8 @@ class RehearsalPipeline:
         Candidates are copied before the call returns work to the worker; the caller
         may reuse its tensors freely.
         """
+        if self.worker.closed:
+            raise RuntimeError("the rehearsal pipeline is closed")
         self.buffer.check_insert(inputs, labels, task_labels)
         if task_labels is None:
             task_labels = torch.zeros_like(labels)
