@@ -83,6 +83,27 @@ def test_nonfinite_skip_policy_drops_only_the_bad_rows():
     assert buf.rejected_nonfinite == 1 and 1 not in buf.class_counts()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_check_is_exact_when_the_fast_sum_overflows(dtype):
+    """The finite check sums the batch first; a sum that overflows to Inf must fall back
+    to the exact per-row check, never reject finite data nor miss a NaN or Inf."""
+    from avalanche_distributed_rehearsal.core.validation import all_finite, finite_rows
+
+    huge = torch.full((4, 50), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    assert finite_rows(huge).all()
+    buf = ShardedRehearsalBuffer(20, nonfinite="raise")
+    assert buf.insert(huge, torch.arange(4)) == 4
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = huge.clone()
+        x[2, 7] = bad
+        assert not all_finite(x) and finite_rows(x).tolist() == [True, True, False, True]
+        y = torch.randn(4, 3, 2).to(dtype)
+        y[0, 1, 1] = bad
+        assert finite_rows(y).tolist() == [False, True, True, True]
+    assert all_finite(torch.randint(0, 9, (3, 2))) and finite_rows(torch.ones(0, 3)).numel() == 0
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(mem_size=0), ValueError, "mem_size"),
     (dict(mem_size=-5), ValueError, "mem_size"),

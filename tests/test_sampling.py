@@ -115,3 +115,28 @@ def test_send_and_receive_splits_agree():
 def test_rejects_unknown_mode():
     with pytest.raises(ValueError, match="sampling"):
         plan_draws(COUNTS, 2, "stratified", generator(0))
+
+
+def test_python_and_vectorised_branches_give_identical_draws(monkeypatch):
+    """Small draws take a plain-Python branch; it must be the same sampler, value for value,
+    so the statistical tests above (which run the Python branch) cover both."""
+    from avalanche_distributed_rehearsal.core import sampling
+
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(300):
+        rows = int(torch.randint(1, 10, (1,), generator=gen))
+        n = torch.randint(0, 40, (rows,), generator=gen)
+        d = torch.minimum(n, torch.randint(0, 16, (rows,), generator=gen))
+        d[0] = n[0]  # a full-population row always runs short of distinct values
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        fast = sample_distinct(n, d, torch.Generator().manual_seed(seed), vectorized=False)
+        slow = sample_distinct(n, d, torch.Generator().manual_seed(seed), vectorized=True)
+        assert torch.equal(fast, slow)
+    for step in range(200):  # whole uniform plans, Python branch against torch branch
+        counts = torch.randint(0, 30, (int(torch.randint(1, 6, (1,), generator=gen)), 3),
+                               generator=gen)
+        fast = plan_draws(counts, 6, "uniform", generator(2, step))
+        monkeypatch.setattr(sampling, "PYTHON_BRANCH_MAX", 0)
+        slow = plan_draws(counts, 6, "uniform", generator(2, step))
+        monkeypatch.undo()
+        assert torch.equal(fast.owner, slow.owner) and torch.equal(fast.local, slow.local)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -15,8 +15,8 @@ from .reservoir import ClassBalancedReservoir
 from .sampling import SAMPLING_MODES, plan_draws
 from .seeding import derive_seed, generator
 from .storage import ShardStorage
-from .validation import (NONFINITE_POLICIES, check_batch, check_choice, check_int,
-                         check_label_values, finite_rows)
+from .validation import (NONFINITE_POLICIES, all_finite, check_batch, check_choice,
+                         check_int, check_label_values, finite_rows_exact)
 
 INPUT, LABEL, TASK = "input", "label", "task"
 STATE_VERSION = 1
@@ -202,8 +202,8 @@ class ShardedRehearsalBuffer:
         labels_cpu = labels.to("cpu", torch.int64)
         tasks_cpu = task_labels.to("cpu", torch.int64)
         check_label_values(labels_cpu, tasks_cpu)
-        keep = finite_rows(inputs).cpu()
-        if not bool(keep.all()):
+        keep = None if all_finite(inputs) else finite_rows_exact(inputs).cpu()
+        if keep is not None and not bool(keep.all()):
             if self.nonfinite == "raise":
                 bad = int((~keep).sum())
                 raise ValueError(f"inputs hold NaN or Inf in {bad} of {len(keep)} rows "
@@ -213,62 +213,74 @@ class ShardedRehearsalBuffer:
             inputs, labels_cpu, tasks_cpu = inputs[index.to(inputs.device)], labels_cpu[index], tasks_cpu[index]
             if index.numel() == 0:
                 return 0
-        layout = self._layout_for(inputs)
-        self.storage.allocate(layout)
+        if self.storage.layout is None:  # else check_insert matched it already
+            self.storage.allocate(self._layout_for(inputs))
         positions, slots = self.reservoir.offer_many(labels_cpu.tolist())
         if not positions:
             return 0
-        pos = torch.tensor(positions, dtype=torch.int64)
-        records = torch.empty((len(positions), layout.row_bytes), dtype=torch.uint8,
-                              device=self.storage.device)
-        layout.pack({INPUT: inputs.index_select(0, pos.to(inputs.device)),
-                     LABEL: labels_cpu[pos], TASK: tasks_cpu[pos]}, records)
-        self.storage.write(torch.tensor(slots, dtype=torch.int64), records)
+        # Each field straight into its storage column: no packed temporary.
+        self.storage.write_fields(slots, {INPUT: inputs, LABEL: labels_cpu, TASK: tasks_cpu},
+                                  rows=positions)
         return len(positions)
 
     # ------------------------------------------------------------------ global sampling
-    def _local_counts(self, width: int) -> torch.Tensor:
-        counts = torch.zeros(width, dtype=torch.int64)
-        for c, n in self.reservoir.class_counts().items():
-            counts[c] = n
+    def _local_counts(self, width: int) -> List[int]:
+        """Stored samples per class label ``0 .. width - 1`` on this rank."""
+        counts = [0] * width
+        for c, slots in self.reservoir.slots_by_class.items():
+            if c < width:
+                counts[c] = len(slots)
         return counts
+
+    _layout_digest_cache: Optional[tuple] = None  # (layout, its digest)
+
+    def _layout_digest(self) -> int:
+        layout = self.storage.layout
+        if layout is None:
+            return 0
+        cached = self._layout_digest_cache
+        if cached is None or cached[0] is not layout:  # a layout never changes once set
+            cached = self._layout_digest_cache = (layout, _digest(layout.describe()))
+        return cached[1]
 
     def gather_counts(self, excluded: tuple = ()) -> torch.Tensor:
         """Collective. ``(world, L)`` int64: stored samples per class label on every rank.
 
         Also checks that every rank runs the same configuration and sample layout, and
         passed the same ``excluded`` labels (a sorted tuple; see :meth:`draw`).
+        One small all-gather per call (a second one only when a new class label or the
+        first sample layout appears on some rank).
         """
-        counts_by_class = self.reservoir.class_counts()
-        need = max(counts_by_class, default=-1) + 1
-        layout = self.storage.layout
-        layout_digest = _digest(layout.describe()) if layout is not None else 0
+        need = max(self.reservoir.slots_by_class, default=-1) + 1
+        if self.world_size == 1:  # nothing to agree on: the same result without the checks
+            width = self._label_width = max(self._label_width, need)
+            self.last_exchange.metadata_sent = self.last_exchange.metadata_received = (4 + width) * 8
+            return torch.tensor([self._local_counts(width)], dtype=torch.int64).view(1, width)
+        digests = [self._config_digest, self._layout_digest(), _digest(excluded)]
         while True:
             width = self._label_width
-            header = torch.tensor([need, self._config_digest, layout_digest, _digest(excluded)],
-                                  dtype=torch.int64)
-            message = torch.cat([header, self._local_counts(max(width, need))[:width]])
+            message = torch.tensor([need] + digests + self._local_counts(width),
+                                   dtype=torch.int64)
             gathered = self.exchange.all_gather(message)
             self.last_exchange.metadata_sent = message.numel() * 8
             self.last_exchange.metadata_received = gathered.numel() * 8
-            if len(set(gathered[:, 1].tolist())) > 1:
+            needs, configs, layouts, exclusions = zip(*gathered[:, :4].tolist())
+            if len(set(configs)) > 1:
                 raise RuntimeError("ranks passed different buffer configurations (mem_size, "
                                    "sampling, seed, batch_size_mem, num_candidates or nonfinite "
                                    "differ between ranks); every rank must use the same ones")
-            if len(set(gathered[:, 3].tolist())) > 1:
+            if len(set(exclusions)) > 1:
                 raise RuntimeError("ranks excluded different classes from the draw; every rank "
                                    "must pass the same excluded labels at the same step")
-            all_digests = gathered[:, 2].tolist()
-            digests = {d for d in all_digests if d != 0}
-            if len(digests) > 1:
+            known = {d for d in layouts if d != 0}
+            if len(known) > 1:
                 raise RuntimeError("ranks store samples of different shapes or dtypes; every "
                                    "rank must insert inputs of the same per-sample shape and dtype")
-            if digests and 0 in all_digests:  # every rank sees it: all take part
+            if known and 0 in layouts:  # every rank sees it: all take part
                 self._adopt_layout()
-                layout = self.storage.layout
-                layout_digest = _digest(layout.describe())
+                digests[1] = self._layout_digest()
                 continue
-            widest = int(gathered[:, 0].max())
+            widest = max(needs)
             if widest <= width:
                 return gathered[:, 4:]
             self._label_width = widest
@@ -322,24 +334,49 @@ class ShardedRehearsalBuffer:
                                 dtype=torch.int64)
         if not excluded:
             return local
-        # Uniform over eligible samples: local index j is the j-th eligible slot.
-        slot_labels = torch.tensor(self.reservoir.label_of_slot, dtype=torch.int64)
+        # Uniform over eligible samples: local index j is the j-th eligible slot. On CPU
+        # the storage's own label column is the slot -> label table (no Python list).
+        if self.storage.device.type == "cpu" and self.storage.allocated:
+            slot_labels = self.storage.columns()[LABEL][: self.storage.size]
+        else:
+            slot_labels = torch.tensor(self.reservoir.label_of_slot, dtype=torch.int64)
         eligible = ~torch.isin(slot_labels, torch.tensor(excluded, dtype=torch.int64))
         return torch.nonzero(eligible).flatten()[local]
 
     def _exchange(self, plan, excluded: tuple, stats: ExchangeStats,
                   out_device: Optional[torch.device]) -> Dict[str, torch.Tensor]:
-        splits, local, label = plan.sends(self.rank)
-        send = self.storage.gather(self._local_slots(local, label, excluded))
-        recv_splits = plan.receive_splits(self.rank, self.world_size)
-        recv = self.exchange.all_to_all(send, splits.tolist(), recv_splits.tolist())
-        stats.payload_sent = send.numel()
-        stats.payload_received = recv.numel()
-        rows = torch.empty_like(recv)
-        rows[plan.receive_order(self.rank).to(recv.device)] = recv
-        if out_device is not None:
-            rows = rows.to(out_device, non_blocking=True)
-        return {name: t.contiguous() for name, t in self.storage.layout.unpack(rows).items()}
+        """Move the planned rows and return them, field by field, in draw order.
+
+        Copies of the payload: one gather into the send buffer, the transport, one
+        ``index_select`` per field that both restores the draw order and compacts the
+        field (nothing else). With one rank there is no transport: each field is gathered
+        from the storage straight in draw order. CPU send and receive buffers are reused
+        from step to step (:meth:`ShardStorage.scratch`); the returned tensors are always new.
+        """
+        layout = self.storage.layout
+        if self.world_size == 1:  # every draw is served here, already in draw order
+            label = None if plan.label is None else plan.label[0]
+            slots = self._local_slots(plan.local[0], label, excluded)
+            fields = self.storage.gather_fields(slots)
+            stats.payload_sent = stats.payload_received = slots.numel() * layout.row_bytes
+        else:
+            splits, local, label = plan.sends(self.rank)
+            slots = self._local_slots(local, label, excluded)
+            recv_splits = plan.receive_splits(self.rank, self.world_size).tolist()
+            send = self.storage.gather(slots, out=self.storage.scratch("send", slots.numel()))
+            recv = self.exchange.all_to_all(send, splits.tolist(), recv_splits,
+                                            out=self.storage.scratch("recv", sum(recv_splits)))
+            stats.payload_sent = send.numel()
+            stats.payload_received = recv.numel()
+            # Received row k is draw receive_order[k], so draw j is received row where[j].
+            where = torch.argsort(plan.receive_order(self.rank)).to(recv.device)
+            fields = {name: view.index_select(0, where)
+                      for name, view in layout.unpack(recv).items()}
+        if out_device is not None and torch.device(out_device) != self.storage.device:
+            non_blocking = torch.device(out_device).type == "cuda"
+            fields = {name: t.to(out_device, non_blocking=non_blocking)
+                      for name, t in fields.items()}
+        return fields
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

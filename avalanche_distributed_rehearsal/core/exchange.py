@@ -21,8 +21,9 @@ class LocalExchange:
         return tensor.unsqueeze(0)
 
     def all_to_all(self, send: torch.Tensor, send_splits: List[int],
-                   recv_splits: List[int]) -> torch.Tensor:
-        return send
+                   recv_splits: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``send`` itself (or a copy in ``out`` when given)."""
+        return send if out is None else out.copy_(send)
 
     def close(self) -> None:
         pass
@@ -57,13 +58,18 @@ class ProcessGroupExchange:
         return torch.stack(parts)
 
     def all_to_all(self, send: torch.Tensor, send_splits: List[int],
-                   recv_splits: List[int]) -> torch.Tensor:
+                   recv_splits: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Send ``send[rows of split q]`` to rank ``q``; return the rows received, by source rank.
 
         ``send`` is ``(sum(send_splits), row_bytes)`` uint8; the result is
-        ``(sum(recv_splits), row_bytes)`` uint8, newly allocated.
+        ``(sum(recv_splits), row_bytes)`` uint8: ``out`` when given (contiguous, that
+        shape), else newly allocated.
         """
-        recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+        shape = (sum(recv_splits),) + tuple(send.shape[1:])
+        if out is not None and (tuple(out.shape) != shape or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous tensor of shape {shape}, got "
+                             f"{tuple(out.shape)}")
+        recv = send.new_empty(shape) if out is None else out
         dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_splits,
                                input_split_sizes=send_splits, group=self.group)
         return recv

@@ -8,8 +8,10 @@ of the buffer size.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -52,11 +54,21 @@ class SamplingPlan:
         return mask.sum(dim=1), self.local[mask], label
 
 
-def sample_distinct(n: torch.Tensor, d: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+#: Draws up to this many uniforms (rows x candidates per row) take the Python branch of
+#: :func:`sample_distinct`: for the few dozen values of a step's plan, a loop over a list
+#: beats the dozen small torch ops of the vectorised branch. Both branches return the
+#: same values for the same generator state (tested), so the choice never changes a plan.
+PYTHON_BRANCH_MAX = 2048
+
+
+def sample_distinct(n: torch.Tensor, d: torch.Tensor, gen: torch.Generator,
+                    vectorized: Optional[bool] = None) -> torch.Tensor:
     """Row ``i``: ``d[i]`` distinct integers drawn uniformly without replacement from ``[0, n[i])``.
 
     Args:
         n: ``(R,)`` int64 population sizes. d: ``(R,)`` int64 draw counts, ``d <= n``.
+        vectorized: force the torch (True) or the Python (False) branch; default: Python
+            while at most :data:`PYTHON_BRANCH_MAX` uniforms are needed. Same result.
     Returns:
         ``(R, max(d))`` int64, row ``i`` holding its draws in draw order, padded with -1.
 
@@ -66,15 +78,63 @@ def sample_distinct(n: torch.Tensor, d: torch.Tensor, gen: torch.Generator) -> t
     Values come from ``floor(u * n)`` with ``u`` a float64 uniform: the bias is below
     ``n / 2**53``.
     """
-    rows = n.numel()
-    width = int(d.max()) if rows else 0
-    out = torch.full((rows, width), -1, dtype=torch.int64)
+    n_list, d_list = n.tolist(), d.tolist()
+    rows, width = len(n_list), max(d_list, default=0)
     if rows == 0 or width == 0:
-        return out
-    if bool((d > n).any()) or bool((d < 0).any()):
+        return torch.full((rows, width), -1, dtype=torch.int64)
+    if any(not 0 <= di <= ni for ni, di in zip(n_list, d_list)):
         raise ValueError("sample_distinct needs 0 <= d <= n")
-    k = 2 * width + 8
-    u = torch.rand((rows, k), generator=gen, dtype=torch.float64)
+    if vectorized is None:
+        vectorized = rows * _uniforms_per_row(width) > PYTHON_BRANCH_MAX
+    if not vectorized:
+        picked = _distinct_python(n_list, d_list, gen)
+        return torch.tensor([p + [-1] * (width - len(p)) for p in picked], dtype=torch.int64)
+    u = torch.rand((rows, _uniforms_per_row(width)), generator=gen, dtype=torch.float64)
+    out, got = _first_distinct_torch(u, n, d, width)
+    for i in torch.nonzero(got < d).flatten().tolist():
+        have = out[i, : got[i]]
+        rest = torch.ones(int(n[i]), dtype=torch.bool)
+        rest[have] = False
+        pool = torch.nonzero(rest).flatten()
+        pick = pool[torch.randperm(pool.numel(), generator=gen)[: int(d[i] - got[i])]]
+        out[i, got[i]: d[i]] = pick
+    return out
+
+
+def _uniforms_per_row(width: int) -> int:
+    return 2 * width + 8
+
+
+def _distinct_python(n_list: List[int], d_list: List[int], gen: torch.Generator) -> List[List[int]]:
+    """:func:`sample_distinct` in plain Python, unpadded rows; the same values and the same
+    generator use as the torch branch (one ``rand``, then a ``randperm`` per short row)."""
+    width = max(d_list)
+    u = torch.rand((len(n_list), _uniforms_per_row(width)), generator=gen, dtype=torch.float64)
+    out = []
+    for us, ni, di in zip(u.tolist(), n_list, d_list):
+        top, scale = max(ni - 1, 0), float(ni)  # the same float64 product as the torch branch
+        picked, seen = [], set()
+        for x in us:
+            if len(picked) == di:
+                break
+            v = min(int(x * scale), top)
+            if v not in seen:
+                seen.add(v)
+                picked.append(v)
+        out.append(picked)
+    for picked, ni, di in zip(out, n_list, d_list):
+        if len(picked) < di:  # ran short: a random order of the values not yet taken
+            taken = set(picked)
+            pool = [v for v in range(ni) if v not in taken]
+            order = torch.randperm(len(pool), generator=gen)[: di - len(picked)].tolist()
+            picked.extend(pool[j] for j in order)
+    return out
+
+
+def _first_distinct_torch(u: torch.Tensor, n: torch.Tensor, d: torch.Tensor, width: int):
+    """The first ``d`` distinct values of ``floor(u * n)`` per row, vectorised: one sort."""
+    rows, k = u.shape
+    out = torch.full((rows, width), -1, dtype=torch.int64)
     vals = (u * n.to(torch.float64).unsqueeze(1)).to(torch.int64).clamp_(max=(n - 1).clamp(min=0).unsqueeze(1))
     span = int(n.max()) + 1
     key = (torch.arange(rows).unsqueeze(1) * span + vals).reshape(-1)
@@ -88,15 +148,7 @@ def sample_distinct(n: torch.Tensor, d: torch.Tensor, gen: torch.Generator) -> t
     take = is_first & (position <= d.unsqueeze(1))
     r_idx, c_idx = take.nonzero(as_tuple=True)
     out[r_idx, position[r_idx, c_idx] - 1] = vals[r_idx, c_idx]
-    got = take.sum(dim=1)
-    for i in torch.nonzero(got < d).flatten().tolist():
-        have = out[i, : got[i]]
-        rest = torch.ones(int(n[i]), dtype=torch.bool)
-        rest[have] = False
-        pool = torch.nonzero(rest).flatten()
-        pick = pool[torch.randperm(pool.numel(), generator=gen)[: int(d[i] - got[i])]]
-        out[i, got[i]: d[i]] = pick
-    return out
+    return out, take.sum(dim=1)
 
 
 def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) -> SamplingPlan:
@@ -128,7 +180,17 @@ def _plan_uniform(counts: torch.Tensor, d: int, gen: torch.Generator) -> Samplin
     world = counts.shape[0]
     per_rank = counts.sum(dim=1)
     total = int(per_rank.sum())
-    draws = sample_distinct(torch.full((world,), total), torch.full((world,), d), gen)
+    if world * _uniforms_per_row(d) <= PYTHON_BRANCH_MAX:  # small: plain Python, same plan
+        sizes = per_rank.tolist()
+        ends = list(itertools.accumulate(sizes))
+        draws = _distinct_python([total] * world, [d] * world, gen)
+        owner = [[bisect.bisect_right(ends, v) for v in row] for row in draws]
+        local = [[v - ends[o] + sizes[o] for v, o in zip(row, orow)]
+                 for row, orow in zip(draws, owner)]
+        return SamplingPlan(torch.tensor(owner, dtype=torch.int64),
+                            torch.tensor(local, dtype=torch.int64), None, d)
+    draws = sample_distinct(torch.full((world,), total), torch.full((world,), d), gen,
+                            vectorized=True)
     ends = torch.cumsum(per_rank, 0)
     owner = torch.searchsorted(ends, draws, right=True)
     local = draws - (ends - per_rank)[owner]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
 from .layout import RecordLayout
+
+#: Field size from which :meth:`ShardStorage.write_fields` copies a partial batch row by
+#: row instead of gathering it first (a gathered temporary costs more than the loop).
+_ROW_COPY_BYTES = 64 * 1024
 
 
 class ShardStorage:
@@ -39,6 +43,8 @@ class ShardStorage:
         self.size = 0
         self.layout: Optional[RecordLayout] = None
         self.rows: Optional[torch.Tensor] = None
+        self._scratch: Dict[str, torch.Tensor] = {}
+        self._columns: Optional[tuple] = None  # (rows, {name: view of rows})
 
     @property
     def allocated(self) -> bool:
@@ -57,6 +63,7 @@ class ShardStorage:
                                  f"{self.layout.describe()}, got {layout.describe()}")
             return
         self.layout = layout
+        self._columns = None
         self.rows = torch.zeros((self.capacity, layout.row_bytes), dtype=torch.uint8,
                                 device=self.device, pin_memory=self.pin_memory)
 
@@ -75,11 +82,87 @@ class ShardStorage:
         self.rows.index_copy_(0, slots.to(self.device), records.to(self.device, non_blocking=True))
         self.size = max(self.size, top)
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """Copy the rows at ``slots`` (``(n,)`` int64) into a new ``(n, row_bytes)`` uint8 tensor."""
+    def write_fields(self, slots: Sequence[int], values: Mapping[str, torch.Tensor],
+                     rows: Optional[Sequence[int]] = None) -> None:
+        """Store row ``rows[k]`` of every field tensor ``values[name]`` at slot ``slots[k]``.
+
+        ``values`` maps every field of the layout to a tensor of shape ``(n, *field.shape)``
+        and the field's dtype, on any device; ``rows`` defaults to ``0 .. n-1``. Each field
+        is copied straight into its column of the storage (no packed temporary). Slots
+        follow the rules of :meth:`write`.
+        """
+        assert self.rows is not None and self.layout is not None, "allocate() before write"
+        if not len(slots):
+            return
+        top = max(slots) + 1
+        if top > self.capacity:
+            raise IndexError(f"slot {top - 1} out of range for capacity {self.capacity}")
+        prefix = rows is None or list(rows) == list(range(len(rows)))  # rows 0..n-1: no gather
+        if rows is not None and len(rows) != len(slots):
+            raise ValueError(f"rows ({len(rows)}) and slots ({len(slots)}) must have the same length")
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        # Asynchronous only into CUDA storage: a non-blocking copy *to* the CPU returns before
+        # the bytes land, and a later CPU read of the storage would not wait for them.
+        non_blocking = self.device.type == "cuda"
+        picked = None
+        columns = self.columns()
+        for name, spec in self.layout.fields.items():
+            value = values[name]
+            column = columns[name]
+            if not prefix and spec.nbytes >= _ROW_COPY_BYTES:
+                # Large samples, some rows kept: copy row by row, no gathered temporary.
+                for slot, row in zip(slots, rows):
+                    column[slot].copy_(value[row], non_blocking=non_blocking)
+                continue
+            if prefix:
+                value = value[: len(slots)]
+            else:
+                if picked is None or picked.device != value.device:
+                    picked = torch.tensor(rows, dtype=torch.int64, device=value.device)
+                value = value.index_select(0, picked)
+            column.index_copy_(0, index, value.to(self.device, non_blocking=non_blocking))
+        self.size = max(self.size, top)
+
+    def gather(self, slots: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Copy the rows at ``slots`` (``(n,)`` int64) into a ``(n, row_bytes)`` uint8 tensor:
+        a new one, or ``out`` (then returned) when given."""
         if self.rows is None:
             return torch.empty((0, 8), dtype=torch.uint8, device=self.device)
-        return self.rows.index_select(0, slots.to(self.device))
+        if out is None:
+            return self.rows.index_select(0, slots.to(self.device))
+        return torch.index_select(self.rows, 0, slots.to(self.device), out=out)
+
+    def gather_fields(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The fields of the rows at ``slots``, each a new contiguous tensor (one copy each)."""
+        index = slots.to(self.device)
+        return {name: view.index_select(0, index) for name, view in self.columns().items()}
+
+    def columns(self) -> Dict[str, torch.Tensor]:
+        """Zero-copy views of each field over all :attr:`capacity` rows (occupied or not),
+        kept until the rows are reallocated. Writing to them writes the storage."""
+        assert self.rows is not None and self.layout is not None
+        if self._columns is None or self._columns[0] is not self.rows:
+            self._columns = (self.rows, self.layout.unpack(self.rows))
+        return self._columns[1]
+
+    def scratch(self, name: str, rows: int) -> Optional[torch.Tensor]:
+        """A ``(rows, row_bytes)`` uint8 buffer named ``name``, reused from call to call,
+        for CPU storage; None for CUDA storage (the caching allocator already reuses).
+
+        Fresh multi-megabyte CPU tensors are page-faulted in on every use (large ones are
+        ``mmap``-ed anew each time); a kept buffer is not. Each name grows to the largest
+        size asked for and lives as long as the storage. The contents are the caller's
+        until the next call with the same name: never hand it (or a view of it) to code
+        that keeps it.
+        """
+        if self.device.type != "cpu" or self.layout is None:
+            return None
+        row_bytes = self.layout.row_bytes
+        held = self._scratch.get(name)
+        if held is None or held.numel() < rows * row_bytes:
+            held = torch.empty(rows * row_bytes, dtype=torch.uint8)
+            self._scratch[name] = held
+        return held[: rows * row_bytes].view(rows, row_bytes)
 
     def fields(self) -> Dict[str, torch.Tensor]:
         """Zero-copy views of each field over the occupied rows ``[0, size)``."""
@@ -94,6 +177,7 @@ class ShardStorage:
             raise ValueError(f"cannot keep {keep.numel()} rows in capacity {capacity}")
         old = self.rows
         self.capacity = capacity
+        self._columns = None
         if old is not None and self.layout is not None:
             self.rows = torch.zeros((capacity, self.layout.row_bytes), dtype=torch.uint8,
                                     device=self.device, pin_memory=self.pin_memory)
