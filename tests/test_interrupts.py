@@ -207,6 +207,21 @@ def test_keyboard_interrupt_in_a_hook_then_close_leaves_no_worker_thread():
     assert plugin.storage_policy.local_size() > 0  # the buffer is still readable
 
 
+def block_inserts(buf):
+    """Make ``buf.insert`` wait for ``release`` (set ``entered`` first); return both events
+    and the original method, to put back."""
+    release, entered = threading.Event(), threading.Event()
+    original = buf.insert
+
+    def slow_insert(*args, **kwargs):
+        entered.set()
+        release.wait(20)
+        return original(*args, **kwargs)
+
+    buf.insert = slow_insert
+    return release, entered, original
+
+
 @pytest.mark.timeout(60)
 def test_interrupted_wait_keeps_the_job_until_it_ends():
     """Ctrl-C while the training thread waits for the worker: the job keeps running, so
@@ -222,15 +237,7 @@ def test_interrupted_wait_keeps_the_job_until_it_ends():
 
     pipe.augment(*batch())
     pipe.drain()
-    release, entered = threading.Event(), threading.Event()
-    original = buf.insert
-
-    def slow_insert(*args, **kwargs):
-        entered.set()
-        release.wait(20)
-        return original(*args, **kwargs)
-
-    buf.insert = slow_insert
+    release, entered, original = block_inserts(buf)
     pipe.augment(*batch())  # submits a job that blocks in slow_insert
     assert entered.wait(10)
     main = threading.main_thread().ident
@@ -257,15 +264,7 @@ def test_ctrl_c_during_close_does_not_wait_twice():
     worker is closed, and its thread ends by itself once the job does."""
     buf = ShardedRehearsalBuffer(30, seed=0)
     pipe = RehearsalPipeline(buf, 4, 4, async_mode=True, timeout=30)
-    release, entered = threading.Event(), threading.Event()
-    original = buf.insert
-
-    def slow_insert(*args, **kwargs):
-        entered.set()
-        release.wait(20)
-        return original(*args, **kwargs)
-
-    buf.insert = slow_insert
+    release, entered, original = block_inserts(buf)
     pipe.augment(torch.randn(8, 3), torch.randint(0, 3, (8,)))
     assert entered.wait(10)
     thread = pipe.worker.thread

@@ -100,16 +100,22 @@ def straight_multi_rank(rank, world):
     return {"params": params(strategy), "rows": shard_rows(plugin)}
 
 
-def save_then_resume_multi_rank(rank, world, path):
+def save_after_two(rank, world, path):
     bench = digits_benchmark()
     torch.manual_seed(123)
     strategy, plugin = fresh_ddp()
     for exp in bench.train_stream[:2]:
         strategy.train(exp)
     save_training_checkpoint(path, strategy, plugin, extra={"next": 2})
-    saved_params, saved_step = params(strategy), plugin.pipeline.step
+    out = {"params": params(strategy), "rows": shard_rows(plugin), "step": plugin.pipeline.step}
     plugin.close()
-    del strategy, plugin
+    return out
+
+
+def save_then_resume_multi_rank(rank, world, path):
+    bench = digits_benchmark()
+    saved = save_after_two(rank, world, path)
+    saved_params, saved_step = saved["params"], saved["step"]
 
     scramble_rngs()
     strategy, plugin = fresh_ddp()
@@ -132,18 +138,6 @@ def test_two_rank_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(resumed[rank]["params"], straight[rank]["params"])
         assert resumed[rank]["rows"] == straight[rank]["rows"]  # every shard, sample for sample
         assert len(straight[rank]["rows"]) == 40
-
-
-def save_after_two(rank, world, path):
-    bench = digits_benchmark()
-    torch.manual_seed(123)
-    strategy, plugin = fresh_ddp()
-    for exp in bench.train_stream[:2]:
-        strategy.train(exp)
-    save_training_checkpoint(path, strategy, plugin, extra={"next": 2})
-    out = {"params": params(strategy), "rows": shard_rows(plugin), "step": plugin.pipeline.step}
-    plugin.close()
-    return out
 
 
 def resume_elsewhere(rank, world, path):
