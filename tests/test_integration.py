@@ -305,3 +305,15 @@ def test_plugin_state_dict_round_trip_and_bad_state(bench):
                        torch.cat([p.flatten() for p in other.model.parameters()]))
     plugin.close()
     restored.close()
+
+
+def test_the_job_in_flight_outlives_train_and_readers_wait_for_it(bench):
+    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=4, num_candidates=8)
+    strategy = make(Naive, [plugin])
+    strategy.train(bench.train_stream[0])
+    pipeline = plugin.pipeline
+    assert pipeline._pending is not None  # next step's representatives, still in the works
+    core = plugin.storage_policy.core  # waits for it
+    assert pipeline._pending is None and pipeline._ready is not None
+    assert sum(core.reservoir.seen.values()) == 8 * steps_of(bench.train_stream[0])
+    plugin.close()

@@ -193,7 +193,7 @@ class _CountsMetric(_BufferMetric):
         """``{class: stored samples}`` for this metric's scope, or None before any storage."""
         record = self._record(strategy, phase)
         if record is not None:
-            rank = self._core(strategy).rank
+            rank = self._policy(strategy).rank
             row = record.counts.sum(0) if self.scope == "global" else record.counts[rank]
             return _counts_to_dict(row)
         core = self._core(strategy)

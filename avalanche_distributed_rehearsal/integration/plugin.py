@@ -53,8 +53,11 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             ``dataset.targets``); otherwise every stored class is replayed.
 
     Evaluation is left untouched. ``train()`` may be called any number of times (online
-    continual learning calls it once per mini-batch): the worker starts once. Call
-    :meth:`close` (or let the plugin be garbage-collected) to stop the worker.
+    continual learning calls it once per mini-batch): the worker starts once, and the job
+    it runs at the end of a ``train()`` call (preparing the next step) overlaps whatever
+    follows; ``storage_policy.core``, ``storage_policy.buffer``, the metrics and the
+    checkpoints wait for it. Call :meth:`close` (or let the plugin be garbage-collected)
+    to stop the worker.
     """
 
     def __init__(self, mem_size: int = 2000, batch_size_mem: Optional[int] = None,
@@ -91,6 +94,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.storage_policy = storage_policy
         self.seen_classes: Set[int] = set()
         self._pending_state: Optional[dict] = None
+        self._experience_classes: Optional[Set[int]] = None  # of the experience in training
 
     @property
     def pipeline(self) -> Optional[RehearsalPipeline]:
@@ -118,7 +122,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
         pipeline = self._ensure_pipeline(strategy)
-        classes = _experience_classes(strategy.experience)
+        classes = self._experience_classes = _experience_classes(strategy.experience)
         if self.replay_new_classes or classes is None:
             pipeline.exclude(())
         else:
@@ -135,15 +139,10 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.mbatch = [x, y, t]
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
-        if self.pipeline is not None:
-            self.pipeline.drain()
-        classes = _experience_classes(strategy.experience)
-        if classes is not None:
-            self.seen_classes |= classes
-
-    def after_training(self, strategy: "SupervisedTemplate", **kwargs):
-        if self.pipeline is not None:
-            self.pipeline.drain()
+        # The job in flight (next step's representatives) keeps running past train():
+        # online, it overlaps the next call's set-up. Whatever reads the buffer waits.
+        if self._experience_classes is not None:
+            self.seen_classes |= self._experience_classes
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, include_buffer: bool = True) -> dict:

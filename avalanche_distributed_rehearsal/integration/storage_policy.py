@@ -69,32 +69,44 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         self.nonfinite = nonfinite
         self.timeout = float(timeout)
         self.config: dict = {}
-        self.core: Optional[ShardedRehearsalBuffer] = None
+        self._core: Optional[ShardedRehearsalBuffer] = None
         self.pipeline: Optional[RehearsalPipeline] = None
+
+    @property
+    def core(self) -> Optional[ShardedRehearsalBuffer]:
+        """The core shard (None before the first update or training step), idle: this
+        waits for the background job in flight (the plugin leaves one running between
+        ``train()`` calls), so the shard may be read or changed freely afterwards."""
+        return self._idle()
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the buffer (never waits)."""
+        return self._core.rank if self._core is not None else _world()[0]
 
     # ------------------------------------------------------------------ lifecycle
     def materialize(self, default_device: torch.device | str = "cpu") -> ShardedRehearsalBuffer:
         """Create the core shard if needed (collective under torch.distributed) and return it."""
-        if self.core is None:
+        if self._core is None:
             device = self.device if self.device is not None else torch.device(default_device)
-            self.core = ShardedRehearsalBuffer(
+            self._core = ShardedRehearsalBuffer(
                 self.max_size, sampling=self.sampling, seed=self.seed, device=device,
                 nonfinite=self.nonfinite, timeout=self.timeout, config=self.config)
-        return self.core
+        return self._core
 
     def _idle(self) -> Optional[ShardedRehearsalBuffer]:
         """The core, with no background job running on it."""
         if self.pipeline is not None:
             self.pipeline.drain()
-        return self.core
+        return self._core
 
     def close(self) -> None:
         """Stop the background worker and release the process group. Idempotent."""
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self.core is not None:
-            self.core.close()
+        if self._core is not None:
+            self._core.close()
 
     # ------------------------------------------------------------------ ExemplarsBuffer API
     @property
@@ -174,5 +186,5 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         return 0 if core is None else len(core)
 
     def local_capacity(self) -> int:
-        rank, world = _world() if self.core is None else (self.core.rank, self.core.world_size)
+        rank, world = _world() if self._core is None else (self._core.rank, self._core.world_size)
         return split_budget(self.max_size, world, rank)
