@@ -103,8 +103,6 @@ class RehearsalPipeline:
     def _candidates(self, inputs, labels, task_labels, num_candidates: int):
         b = inputs.shape[0]
         c = min(num_candidates, b)
-        if c == b:  # the whole batch, in batch order (no draw needed); copied all the same
-            return inputs.clone(), labels.clone(), task_labels.clone()
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.buffer.rank, self.step, 0xCA))
         index = torch.randperm(b, generator=gen)[:c].to(inputs.device, non_blocking=True)
         return inputs.index_select(0, index), labels.index_select(0, index), task_labels.index_select(0, index)
