@@ -30,6 +30,19 @@ def digits_benchmark():
                         fixed_class_order=list(range(10)))
 
 
+def distributed_mlp():
+    """Join torchrun's process group (none in a plain process) and build the digits MLP.
+
+    Returns ``(rank, world_size, model)``, the model wrapped in DDP when there are ranks.
+    """
+    from avalanche.distributed import DistributedHelper
+
+    DistributedHelper.init_distributed(random_seed=0, use_cuda=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return DistributedHelper.rank, DistributedHelper.world_size, DistributedHelper.wrap_model(model)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -39,18 +52,13 @@ def main():
     args = parser.parse_args()
 
     from avalanche.core import SupervisedPlugin
-    from avalanche.distributed import DistributedHelper
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
     from avalanche_distributed_rehearsal import DistributedReplayPlugin
 
-    DistributedHelper.init_distributed(random_seed=0, use_cuda=False)
-    rank, world = DistributedHelper.rank, DistributedHelper.world_size
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    model = DistributedHelper.wrap_model(model)
+    rank, world, model = distributed_mlp()
 
     class RowCounter(SupervisedPlugin, supports_distributed=True):
         def __init__(self):

@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Import Avalanche before the process group exists: it builds a logger at import time,
 # which it refuses to do on a non-main rank afterwards.
-from avalanche.distributed import DistributedHelper  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
@@ -41,7 +40,7 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche_distributed_rehearsal import DistributedReplayPlugin  # noqa: E402
 from avalanche_distributed_rehearsal.integration.checkpoint import (  # noqa: E402
     load_training_checkpoint, save_training_checkpoint)
-from digits_replay import digits_benchmark  # noqa: E402
+from digits_replay import digits_benchmark, distributed_mlp  # noqa: E402
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -73,11 +72,7 @@ def main() -> None:
                         help="buffer work inline, not in the background")
     args = parser.parse_args()
 
-    DistributedHelper.init_distributed(random_seed=0, use_cuda=False)
-    rank, world = DistributedHelper.rank, DistributedHelper.world_size
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    model = DistributedHelper.wrap_model(model)
+    rank, world, model = distributed_mlp()
     plugin = DistributedReplayPlugin(mem_size=args.mem_size, batch_size_mem=8, num_candidates=16,
                                      async_mode=not args.sync, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
