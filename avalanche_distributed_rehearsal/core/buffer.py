@@ -15,8 +15,8 @@ from .reservoir import ClassBalancedReservoir
 from .sampling import SAMPLING_MODES, plan_draws
 from .seeding import derive_seed, generator
 from .storage import ShardStorage
-from .validation import (NONFINITE_POLICIES, all_finite, check_batch, check_choice,
-                         check_int, check_label_values, finite_rows_exact)
+from .validation import (NONFINITE_POLICIES, check_batch, check_choice, check_int,
+                         check_label_values, finite_rows)
 
 INPUT, LABEL, TASK = "input", "label", "task"
 STATE_VERSION = 1
@@ -202,8 +202,8 @@ class ShardedRehearsalBuffer:
         labels_cpu = labels.to("cpu", torch.int64)
         tasks_cpu = task_labels.to("cpu", torch.int64)
         check_label_values(labels_cpu, tasks_cpu)
-        keep = None if all_finite(inputs) else finite_rows_exact(inputs).cpu()
-        if keep is not None and not bool(keep.all()):
+        keep = finite_rows(inputs).cpu()
+        if not bool(keep.all()):
             if self.nonfinite == "raise":
                 bad = int((~keep).sum())
                 raise ValueError(f"inputs hold NaN or Inf in {bad} of {len(keep)} rows "
