@@ -140,3 +140,187 @@ def test_python_and_vectorised_branches_give_identical_draws(monkeypatch):
         slow = plan_draws(counts, 6, "uniform", generator(2, step))
         monkeypatch.undo()
         assert torch.equal(fast.owner, slow.owner) and torch.equal(fast.local, slow.local)
+
+
+# ---------------------------------------------------------------- class_balanced: the exact law
+def exact_label_law(class_sizes, d):
+    """Probability of every class-label sequence of ``d`` draws under the documented law:
+    each draw picks a class uniformly among those not yet exhausted."""
+    law, left = {}, list(class_sizes)
+
+    def walk(seq, p):
+        if len(seq) == d:
+            law[tuple(seq)] = p
+            return
+        avail = [c for c, n in enumerate(left) if n > 0]
+        for c in avail:
+            left[c] -= 1
+            walk(seq + [c], p / len(avail))
+            left[c] += 1
+
+    walk([], 1.0)
+    return law
+
+
+def exact_draw_law(counts, d):
+    """Probability of every sequence of ``d`` draws ``(label, owner, local)``: a class
+    uniformly among those not exhausted, then one of its samples not yet drawn, uniformly
+    (``local`` = index among the owner's samples of that class)."""
+    samples = {c: [(c, w, j) for w in range(counts.shape[0]) for j in range(int(counts[w, c]))]
+               for c in range(counts.shape[1])}
+    law = {}
+
+    def walk(seq, p):
+        if len(seq) == d:
+            law[tuple(seq)] = p
+            return
+        avail = [c for c, s in samples.items() if any(x not in seq for x in s)]
+        for c in avail:
+            left = [x for x in samples[c] if x not in seq]
+            for x in left:
+                walk(seq + [x], p / (len(avail) * len(left)))
+
+    walk([], 1.0)
+    return law
+
+
+def chisquare_against(observed: Counter, law: dict):
+    """Chi-square p-value of ``observed`` against ``law``; fails on impossible outcomes."""
+    assert set(observed) <= set(law), f"outcomes outside the law: {set(observed) - set(law)}"
+    assert abs(sum(law.values()) - 1) < 1e-12
+    n = sum(observed.values())
+    keys = sorted(law)
+    expected = [law[k] * n for k in keys]
+    assert min(expected) >= 5, "too few plans for a chi-square test"
+    return chisquare([observed[k] for k in keys], expected).pvalue
+
+
+def label_sequences(counts, d, seed, steps):
+    seqs = Counter()
+    for step in range(steps):
+        plan = plan_draws(counts, d, "class_balanced", generator(seed, step))
+        assert plan.d == d
+        for requester in range(counts.shape[0]):
+            mine = draws_of(plan, requester)
+            assert len(set(mine)) == d, "without replacement"
+            seqs[tuple(plan.label[requester].tolist())] += 1
+    return seqs
+
+
+def test_class_balanced_law_one_and_five_samples_three_draws():
+    """Classes of 1 and 5 samples, 3 draws: P(class 0 drawn) = 1 - (1/2)^3 = 0.875."""
+    counts = torch.tensor([[1, 2], [0, 3], [0, 0], [0, 0]])  # 4 requesters per plan
+    law = exact_label_law([1, 5], 3)
+    assert law == {(1, 1, 1): 1 / 8, (0, 1, 1): 1 / 2, (1, 0, 1): 1 / 4, (1, 1, 0): 1 / 8}
+    seqs = label_sequences(counts, 3, seed=11, steps=2000)
+    with_zero = sum(n for s, n in seqs.items() if 0 in s) / sum(seqs.values())
+    assert abs(with_zero - 0.875) < 0.02
+    assert chisquare_against(seqs, law) > 1e-3
+
+
+def test_class_balanced_law_when_several_classes_run_out():
+    """Sizes [1, 2, 6], 5 draws: classes 0 and 1 are often exhausted before the end."""
+    counts = torch.tensor([[1, 0, 2], [0, 2, 0], [0, 0, 4]] + [[0, 0, 0]] * 5)
+    seqs = label_sequences(counts, 5, seed=12, steps=1200)
+    assert chisquare_against(seqs, exact_label_law([1, 2, 6], 5)) > 1e-3
+
+
+def test_class_balanced_law_of_whole_draws_over_uneven_ranks():
+    """World 3, classes split unevenly across ranks: the joint law of (class, owner, local)
+    sequences, so which stored sample of a class is drawn is checked too."""
+    counts = torch.tensor([[1, 0, 2], [0, 2, 1], [0, 0, 1]])
+    law = exact_draw_law(counts, 3)
+    draws = Counter()
+    for step in range(3000):
+        plan = plan_draws(counts, 3, "class_balanced", generator(13, step))
+        for requester in range(3):
+            mine = [(label, owner, local) for owner, local, label in draws_of(plan, requester)]
+            draws[tuple(mine)] += 1
+    assert chisquare_against(draws, law) > 1e-3
+
+
+def test_class_balanced_law_when_no_class_can_run_out():
+    """Every class holds at least d samples (the vectorised path, one class of exactly d):
+    the classes of the draws are i.i.d. uniform."""
+    counts = torch.tensor([[3, 0, 5], [0, 4, 0], [0, 0, 0], [0, 0, 0]])
+    seqs = label_sequences(counts, 3, seed=14, steps=1500)
+    law = exact_label_law([3, 4, 5], 3)
+    assert set(law.values()) == {1 / 27}
+    assert chisquare_against(seqs, law) > 1e-3
+
+
+def test_class_balanced_uses_the_generator_as_documented():
+    """The contract every rank relies on: one randint (world, d) of i.i.d. picks, kept up to
+    each row's first exhaustion, then one float64 rand (m, d) only if m rows go on."""
+    from avalanche_distributed_rehearsal.core.sampling import _class_sequence
+
+    sizes = torch.tensor([2, 0, 7, 3])
+    classes = torch.tensor([0, 2, 3])
+    for seed in range(200):
+        gen, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        label = _class_sequence(sizes, 4, 5, gen)
+        iid = classes[torch.randint(3, (5, 4), generator=ref)]
+        went_on = 0
+        for q in range(5):
+            seen = Counter()
+            for j in range(4):
+                seen[int(iid[q, j])] += 1
+                assert int(label[q, j]) == int(iid[q, j])
+                if seen[int(iid[q, j])] == int(sizes[iid[q, j]]) and j < 3:
+                    went_on += 1
+                    break
+            assert Counter(label[q].tolist())[0] <= 2 and Counter(label[q].tolist())[3] <= 3
+        if went_on:
+            torch.rand((went_on, 4), generator=ref, dtype=torch.float64)
+        assert torch.equal(gen.get_state(), ref.get_state())
+    big = torch.tensor([4, 9, 5])  # no class can run out in 4 draws: the randint only
+    gen, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    label = _class_sequence(big, 4, 6, gen)
+    assert torch.equal(label, torch.randint(3, (6, 4), generator=ref))
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
+def test_every_rank_computes_the_same_plan_from_the_same_seed():
+    """Each rank calls plan_draws itself: same counts and seed, the same plan and the same
+    generator state afterwards, on tables that take the sequential class path."""
+    tables = [torch.tensor([[1, 0, 2], [0, 2, 1], [0, 0, 1]]), torch.tensor([[1, 2, 6]]),
+              torch.tensor([[5, 0, 1, 0], [0, 1, 0, 0], [3, 0, 0, 9]])]
+    for counts in tables:
+        for step in range(20):
+            plans, states = [], []
+            for _rank in range(counts.shape[0]):
+                gen = generator(21, step)
+                plans.append(plan_draws(counts, 5, "class_balanced", gen))
+                states.append(gen.get_state())
+            for plan, state in zip(plans[1:], states[1:]):
+                assert torch.equal(plan.owner, plans[0].owner)
+                assert torch.equal(plan.local, plans[0].local)
+                assert torch.equal(plan.label, plans[0].label)
+                assert torch.equal(state, states[0])
+
+
+def test_class_balanced_draws_are_distinct_and_valid_on_random_tables():
+    gen = torch.Generator().manual_seed(9)
+    for step in range(300):
+        world, labels = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
+        counts = torch.randint(0, 4, (world, labels), generator=gen)
+        r = int(torch.randint(0, 12, (1,), generator=gen))
+        plan = plan_draws(counts, r, "class_balanced", generator(5, step))
+        assert plan.d == min(r, int(counts.sum()))
+        for requester in range(world):
+            mine = draws_of(plan, requester)
+            assert len(set(mine)) == plan.d
+            for owner, local, label in mine:
+                assert 0 <= local < int(counts[owner, label])
+
+
+def test_plans_are_unchanged_where_the_law_was_already_followed():
+    """Pinned plans computed before the class_balanced fix: uniform plans, and
+    class_balanced plans where no class can run out, are bit-identical."""
+    uniform = plan_draws(COUNTS, 4, "uniform", generator(7, 0))
+    assert uniform.owner.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+    assert uniform.local.tolist() == [[23, 38, 2, 7], [47, 40, 34, 46], [8, 2, 57, 25]]
+    balanced = plan_draws(COUNTS, 4, "class_balanced", generator(7, 0))
+    assert balanced.owner.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    assert balanced.local.tolist() == [[8, 7, 3, 10], [2, 12, 8, 14], [19, 0, 9, 6]]
+    assert balanced.label.tolist() == [[1, 1, 2, 0], [2, 1, 1, 1], [1, 1, 1, 2]]

@@ -3,7 +3,8 @@
 Every rank calls :func:`plan_draws` with the same all-gathered counts and a generator
 seeded by ``(seed, step)``, so every rank computes the same plan for the whole world
 without exchanging requests. Cost: ``O(world * r log(world * r))`` per step, independent
-of the buffer size.
+of the buffer size, plus, in ``"class_balanced"`` mode, ``O(r + L)`` Python steps for
+each requester that exhausts one of the ``L`` classes before its last draw.
 """
 
 from __future__ import annotations
@@ -157,11 +158,23 @@ def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) ->
     Args:
         counts: ``(world, L)`` int64, ``counts[w, c]`` = samples of class ``c`` on rank ``w``.
         r: representatives per rank per step (``>= 0``).
-        mode: ``"uniform"`` (every stored sample equally likely) or ``"class_balanced"``
-            (a class uniformly among the non-empty ones, then a sample of it uniformly).
-        gen: CPU generator; the same state on every rank gives the same plan.
+        mode: one of :data:`SAMPLING_MODES`, the law of each requester's draws:
 
-    Draws are without replacement within each rank's ``d = min(r, total)`` draws.
+            * ``"uniform"``: ``d = min(r, total)`` samples drawn uniformly without
+              replacement from the union of all shards (every stored sample equally likely).
+            * ``"class_balanced"``: ``d = min(r, total)`` draws; each draw picks a class
+              uniformly among the classes the requester has not exhausted yet at this step
+              (exhausted: all its stored samples, over all ranks, already drawn by this
+              requester), then one of that class's samples not drawn yet, uniformly.
+        gen: CPU generator; the same state on every rank gives the same plan. Its use:
+            ``"uniform"``: one :func:`sample_distinct` draw over the union (either
+            branch); ``"class_balanced"``: :func:`_class_sequence` (see there), then one
+            :func:`sample_distinct` for the samples within each (requester, class) group.
+    Returns:
+        A new :class:`SamplingPlan`; the caller owns its tensors.
+
+    Each requester's draws are without replacement; different requesters draw
+    independently of one another (the same sample may go to several requesters).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
@@ -198,38 +211,98 @@ def _plan_uniform(counts: torch.Tensor, d: int, gen: torch.Generator) -> Samplin
 
 
 def _class_sequence(class_sizes: torch.Tensor, d: int, world: int, gen: torch.Generator) -> torch.Tensor:
-    """``(world, d)`` class labels: each draw uniform over classes not yet exhausted."""
+    """The class labels of every requester's draws, following the law of :func:`plan_draws`.
+
+    Args:
+        class_sizes: ``(L,)`` int64 samples per class over all ranks, ``sum >= d``.
+        d: draws per requester, ``>= 1``. world: number of requesters.
+    Returns:
+        ``(world, d)`` int64, a new tensor: row ``q`` holds requester ``q``'s classes in
+        draw order. Each draw is uniform over the classes requester ``q`` has not exhausted
+        yet (a class is exhausted once all its samples have been drawn), independently of
+        the other requesters.
+
+    Generator use (the same on every rank, so the same labels):
+
+    1. always one ``torch.randint(K, (world, d))``, ``K`` the number of non-empty classes:
+       i.i.d. uniform picks ``X``. Each row keeps them up to and including its first draw
+       that exhausts a class, and entirely when that happens at the last draw or never,
+       which is certain when every class holds at least ``d`` samples (then nothing else is
+       drawn);
+    2. then, only if ``m >= 1`` rows exhaust a class before their last draw: one
+       ``torch.rand((m, d), dtype=float64)``. Its row ``i`` serves the ``i``-th such
+       requester in rank order: entry ``j`` picks draw ``j``'s class after that first
+       exhaustion as ``floor(u * A)`` among the ``A`` classes still available (kept in a
+       list by ascending label, with swap-remove as classes run out).
+
+    This is the law exactly: up to the first exhaustion every class is still available, so
+    an i.i.d. uniform pick is a uniform pick among the available ones; whether a row goes on
+    sequentially depends only on its draws so far, and the rest is drawn afresh. (Redrawing
+    the rows whose i.i.d. picks over-demand a class, as before, conditions on that event and
+    biases the law.) The float64 pick's bias is below ``A / 2**53``. Cost: one sort of
+    ``world * d`` keys, plus ``O(d + L)`` Python steps per requester that goes on.
+    """
     classes = torch.nonzero(class_sizes > 0).flatten()
     pick = classes[torch.randint(classes.numel(), (world, d), generator=gen)]
-    demand = torch.zeros((world, class_sizes.numel()), dtype=torch.int64)
-    demand.scatter_add_(1, pick, torch.ones_like(pick))
-    for q in torch.nonzero((demand > class_sizes.unsqueeze(0)).any(dim=1)).flatten().tolist():
-        left = class_sizes.clone()
-        for j in range(d):
-            avail = torch.nonzero(left > 0).flatten()
-            c = avail[torch.randint(avail.numel(), (1,), generator=gen)]
-            pick[q, j] = c
+    if d <= int(class_sizes[classes].min()):
+        return pick
+    _, _, _, occurrence = _group_draws(pick, class_sizes.numel())
+    exhausts = (occurrence + 1) == class_sizes[pick]
+    exhausts[:, d - 1] = False  # exhausting a class at the last draw leaves nothing to fix
+    goes_on = torch.nonzero(exhausts.any(dim=1)).flatten().tolist()
+    if not goes_on:
+        return pick
+    first = torch.argmax(exhausts.to(torch.int8), dim=1).tolist()
+    u = torch.rand((len(goes_on), d), generator=gen, dtype=torch.float64).tolist()
+    sizes, nonempty = class_sizes.tolist(), classes.tolist()
+    for us, q in zip(u, goes_on):
+        seq = pick[q].tolist()
+        left = list(sizes)
+        for c in seq[: first[q] + 1]:
             left[c] -= 1
+        avail = [c for c in nonempty if left[c] > 0]
+        for j in range(first[q] + 1, d):
+            k = min(int(us[j] * len(avail)), len(avail) - 1)
+            c = seq[j] = avail[k]
+            left[c] -= 1
+            if left[c] == 0:
+                avail[k] = avail[-1]
+                avail.pop()
+        pick[q] = torch.tensor(seq, dtype=torch.int64)
     return pick
 
 
-def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
-    world, num_labels = counts.shape
-    class_sizes = counts.sum(dim=0)
-    label = _class_sequence(class_sizes, d, world, gen)
-    # Group each requester's draws by class; occurrence = rank of the draw within its group.
-    group_key = torch.arange(world).unsqueeze(1) * num_labels + label
-    flat_key = group_key.reshape(-1)
+def _group_draws(label: torch.Tensor, num_labels: int):
+    """Group each requester's draws by class.
+
+    Args:
+        label: ``(world, d)`` int64 classes in ``[0, num_labels)``.
+    Returns:
+        ``(order, groups, group_len, occurrence)``: ``order`` ``(world * d,)`` the stable
+        sort of the flattened keys ``requester * num_labels + class``; ``groups`` the
+        distinct keys, ascending, and ``group_len`` their sizes; ``occurrence``
+        ``(world, d)``: how many earlier draws of the same requester have the same class.
+    """
+    world, d = label.shape
+    flat_key = (torch.arange(world).unsqueeze(1) * num_labels + label).reshape(-1)
     sorted_key, order = torch.sort(flat_key, stable=True)
     groups, group_len = torch.unique_consecutive(sorted_key, return_counts=True)
     starts = torch.cumsum(group_len, 0) - group_len
     occurrence_sorted = torch.arange(flat_key.numel()) - torch.repeat_interleave(starts, group_len)
     occurrence = torch.empty_like(occurrence_sorted)
     occurrence[order] = occurrence_sorted
+    return order, groups, group_len, occurrence.view(world, d)
+
+
+def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
+    world, num_labels = counts.shape
+    class_sizes = counts.sum(dim=0)
+    label = _class_sequence(class_sizes, d, world, gen)
+    order, groups, group_len, occurrence = _group_draws(label, num_labels)
     within = sample_distinct(class_sizes[groups % num_labels], group_len, gen)
-    group_of_draw = torch.empty_like(flat_key)
+    group_of_draw = torch.empty_like(order)
     group_of_draw[order] = torch.repeat_interleave(torch.arange(groups.numel()), group_len)
-    j = within[group_of_draw, occurrence].view(world, d)
+    j = within[group_of_draw, occurrence.reshape(-1)].view(world, d)
     # Map the within-class index to (owner rank, index among the owner's samples of the class).
     ends = torch.cumsum(counts, dim=0)  # (world, L)
     ends_per_draw = ends.t()[label]  # (world, d, world)
