@@ -324,3 +324,116 @@ def test_plans_are_unchanged_where_the_law_was_already_followed():
     assert balanced.owner.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
     assert balanced.local.tolist() == [[8, 7, 3, 10], [2, 12, 8, 14], [19, 0, 9, 6]]
     assert balanced.label.tolist() == [[1, 1, 2, 0], [2, 1, 1, 1], [1, 1, 1, 2]]
+
+
+# ---------------------------------------------------------------- local: each rank its own shard
+def check_plan_consistency(plan, world):
+    """Padding sits at the end of rows and is never sent nor received; what each rank sends
+    is exactly what the others expect from it."""
+    assert plan.owner.shape == plan.local.shape == (world, plan.d)
+    assert plan.counts_per_rank.shape == (world,) and plan.counts_per_rank.dtype == torch.int64
+    assert plan.d == max(plan.counts_per_rank.tolist())
+    for q in range(world):
+        n = plan.num_draws(q)
+        assert (plan.owner[q, :n] >= 0).all() and (plan.local[q, :n] >= 0).all()
+        assert (plan.owner[q, n:] == -1).all() and (plan.local[q, n:] == -1).all()
+        assert sorted(plan.receive_order(q).tolist()) == list(range(n))
+        assert int(plan.receive_splits(q, world).sum()) == n
+    for rank in range(world):
+        splits, local, _ = plan.sends(rank)
+        assert int(splits.sum()) == local.numel() and (local >= 0).all()
+        for q in range(world):
+            assert int(splits[q]) == int(plan.receive_splits(q, world)[rank])
+            n = plan.num_draws(q)
+            expected = plan.local[q, :n][plan.owner[q, :n] == rank]
+            start = int(splits[:q].sum())
+            assert torch.equal(local[start: start + int(splits[q])], expected)
+
+
+def test_local_plan_draws_only_from_the_own_shard():
+    for step in range(50):
+        plan = plan_draws(COUNTS, 4, "local", generator(30, step))
+        assert plan.label is None and plan.d == 4
+        assert plan.counts_per_rank.tolist() == [4, 4, 0]
+        check_plan_consistency(plan, 3)
+        for q, own in enumerate(COUNTS.sum(dim=1).tolist()):
+            n = plan.num_draws(q)
+            assert (plan.owner[q, :n] == q).all()
+            mine = plan.local[q, :n].tolist()
+            assert len(set(mine)) == n and all(0 <= v < own for v in mine)
+            assert plan.sends(q)[0].tolist() == [n if w == q else 0 for w in range(3)]
+            assert plan.receive_splits(q, 3).tolist() == [n if w == q else 0 for w in range(3)]
+
+
+def test_local_plan_gives_fewer_draws_to_small_shards_and_none_to_empty_ones():
+    counts = torch.tensor([[0, 0], [1, 1], [4, 3], [0, 0]])
+    plan = plan_draws(counts, 5, "local", generator(31, 0))
+    assert plan.counts_per_rank.tolist() == [0, 2, 5, 0] and plan.d == 5
+    assert sorted(plan.local[1, :2].tolist()) == [0, 1]
+    check_plan_consistency(plan, 4)
+    assert plan.receive_order(0).numel() == 0 and plan.sends(0)[1].numel() == 0
+    for r, counts in [(0, torch.tensor([[3], [2]])), (4, torch.zeros((2, 3), dtype=torch.int64)),
+                      (4, torch.zeros((2, 0), dtype=torch.int64))]:
+        none = plan_draws(counts, r, "local", generator(31, 1))
+        assert none.d == 0 and none.owner.shape == (2, 0) and none.counts_per_rank.tolist() == [0, 0]
+        check_plan_consistency(none, 2)
+
+
+def test_local_plan_is_uniform_over_the_own_shard():
+    """Ordered pairs on ranks of 5 and 2 samples, and single values on a rank of 60."""
+    counts = torch.tensor([[3, 2], [1, 1], [0, 0]])
+    pairs = [Counter(), Counter()]
+    for step in range(3000):
+        plan = plan_draws(counts, 2, "local", generator(32, step))
+        for q in range(2):
+            pairs[q][tuple(plan.local[q].tolist())] += 1
+    assert len(pairs[0]) == 20 and chisquare(list(pairs[0].values())).pvalue > 1e-3
+    assert set(pairs[1]) == {(0, 1), (1, 0)} and chisquare(list(pairs[1].values())).pvalue > 1e-3
+    values = Counter()
+    for step in range(3000):
+        plan = plan_draws(COUNTS, 4, "local", generator(33, step))
+        values.update(plan.local[0].tolist())
+    assert sorted(values) == list(range(60)) and chisquare(list(values.values())).pvalue > 1e-3
+
+
+def test_local_plan_uses_the_generator_as_documented():
+    """One sample_distinct, row q drawing min(r, own total) from rank q's shard: the
+    branch taken (Python or vectorised) does not change the plan."""
+    gen = torch.Generator().manual_seed(6)
+    for step in range(100):
+        counts = torch.randint(0, 9, (int(torch.randint(1, 7, (1,), generator=gen)), 3), generator=gen)
+        r = int(torch.randint(0, 12, (1,), generator=gen))
+        plan = plan_draws(counts, r, "local", generator(34, step))
+        own = counts.sum(dim=1)
+        for vectorized in (False, True):
+            ref = sample_distinct(own, own.clamp(max=r), generator(34, step), vectorized=vectorized)
+            assert torch.equal(plan.local, ref)
+        check_plan_consistency(plan, counts.shape[0])
+
+
+def test_uniform_and_class_balanced_plans_have_no_padding():
+    for mode in ("uniform", "class_balanced"):
+        plan = plan_draws(COUNTS, 5, mode, generator(35, 0))
+        assert plan.counts_per_rank.tolist() == [5, 5, 5]
+        check_plan_consistency(plan, 3)
+
+
+@pytest.mark.parametrize("counts, r, mode, name", [
+    (torch.tensor([1, 2]), 2, "uniform", "counts"),
+    (torch.tensor([[1.0, 2.0]]), 2, "uniform", "counts"),
+    (torch.tensor([[1, 2]], dtype=torch.int32), 2, "class_balanced", "counts"),
+    (torch.zeros((0, 3), dtype=torch.int64), 2, "uniform", "counts"),
+    (torch.tensor([[1, -1]]), 2, "local", "counts"),
+    ([[1, 2]], 2, "uniform", "counts"),
+    (torch.tensor([[1, 2]]), -1, "class_balanced", "r"),
+    (torch.tensor([[1, 2]]), 2.0, "uniform", "r"),
+    (torch.tensor([[1, 2]]), True, "local", "r"),
+])
+def test_plan_draws_rejects_bad_arguments(counts, r, mode, name):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        plan_draws(counts, r, mode, generator(0))
+
+
+def test_plan_draws_rejects_a_bad_generator():
+    with pytest.raises(ValueError, match="^gen "):
+        plan_draws(COUNTS, 2, "uniform", 7)

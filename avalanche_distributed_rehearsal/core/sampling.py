@@ -16,39 +16,61 @@ from typing import List, Optional
 
 import torch
 
-SAMPLING_MODES = ("uniform", "class_balanced")
+SAMPLING_MODES = ("uniform", "class_balanced", "local")
 
 
 @dataclass
 class SamplingPlan:
-    """The draws of every rank for one step.
+    """The draws of every rank for one step; its tensors are CPU, owned by the plan.
+
+    Requester ``q`` makes ``counts_per_rank[q]`` real draws: entries ``j <
+    counts_per_rank[q]`` of its row, in draw order. In ``"uniform"`` and
+    ``"class_balanced"`` mode every requester makes ``d`` draws (no padding); in
+    ``"local"`` mode requesters may make fewer, and the rest of the row is padding,
+    ``owner = local = -1``, never sent nor received.
 
     Attributes:
-        owner: ``(world, d)`` int64, the rank that stores draw ``j`` of requester ``q``.
+        owner: ``(world, d)`` int64, the rank that stores draw ``j`` of requester ``q``
+            (always ``q`` itself in ``"local"`` mode), -1 in padding.
         local: ``(world, d)`` int64, the draw's index on its owner: a storage slot in
-            ``"uniform"`` mode, the index within the owner's samples of ``label`` in
-            ``"class_balanced"`` mode.
+            ``"uniform"`` and ``"local"`` mode, the index within the owner's samples of
+            ``label`` in ``"class_balanced"`` mode; -1 in padding.
         label: ``(world, d)`` int64 class labels (``"class_balanced"`` only) or None.
-        d: draws per rank: ``min(r, buffer size)``, the same for every rank.
+        d: draws per rank, the width of the rows: ``min(r, total)``, the same for every
+            rank, in ``"uniform"`` and ``"class_balanced"`` mode; the largest
+            ``counts_per_rank`` in ``"local"`` mode.
+        counts_per_rank: ``(world,)`` int64, each requester's number of real draws
+            (``min(r, its own total)`` in ``"local"`` mode); filled with ``d`` when not given.
     """
 
     owner: torch.Tensor
     local: torch.Tensor
     label: Optional[torch.Tensor]
     d: int
+    counts_per_rank: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.counts_per_rank is None:
+            self.counts_per_rank = torch.full((self.owner.shape[0],), self.d, dtype=torch.int64)
+
+    def num_draws(self, rank: int) -> int:
+        """Requester ``rank``'s number of real draws (rows it receives)."""
+        return int(self.counts_per_rank[rank])
 
     def receive_splits(self, rank: int, world_size: int) -> torch.Tensor:
         """``(world,)`` int64: how many of ``rank``'s draws each rank sends it."""
-        return torch.bincount(self.owner[rank], minlength=world_size)
+        return torch.bincount(self.owner[rank, : self.num_draws(rank)], minlength=world_size)
 
     def receive_order(self, rank: int) -> torch.Tensor:
-        """``(d,)`` int64 permutation: received row ``k`` is draw ``receive_order[k]``."""
-        return torch.sort(self.owner[rank], stable=True).indices
+        """``(num_draws(rank),)`` int64 permutation: received row ``k`` is draw
+        ``receive_order[k]``."""
+        return torch.sort(self.owner[rank, : self.num_draws(rank)], stable=True).indices
 
     def sends(self, rank: int):
         """What ``rank`` serves: ``(splits (world,), local (n,), label (n,) or None)``.
 
         Rows are grouped by requester in rank order, each group in its draw order.
+        Padding (owner -1) is never served.
         """
         mask = self.owner == rank
         label = None if self.label is None else self.label[mask]
@@ -153,11 +175,12 @@ def _first_distinct_torch(u: torch.Tensor, n: torch.Tensor, d: torch.Tensor, wid
 
 
 def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) -> SamplingPlan:
-    """Plan ``r`` draws per rank from the union of all shards.
+    """Plan ``r`` draws per rank from the union of all shards (or each rank's own shard).
 
     Args:
-        counts: ``(world, L)`` int64, ``counts[w, c]`` = samples of class ``c`` on rank ``w``.
-        r: representatives per rank per step (``>= 0``).
+        counts: ``(world, L)`` int64 CPU tensor, ``counts[w, c]`` = samples of class ``c``
+            on rank ``w`` (``world >= 1``, entries ``>= 0``). Read only.
+        r: representatives per rank per step (an int ``>= 0``).
         mode: one of :data:`SAMPLING_MODES`, the law of each requester's draws:
 
             * ``"uniform"``: ``d = min(r, total)`` samples drawn uniformly without
@@ -166,18 +189,26 @@ def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) ->
               uniformly among the classes the requester has not exhausted yet at this step
               (exhausted: all its stored samples, over all ranks, already drawn by this
               requester), then one of that class's samples not drawn yet, uniformly.
-        gen: CPU generator; the same state on every rank gives the same plan. Its use:
-            ``"uniform"``: one :func:`sample_distinct` draw over the union (either
-            branch); ``"class_balanced"``: :func:`_class_sequence` (see there), then one
-            :func:`sample_distinct` for the samples within each (requester, class) group.
+            * ``"local"``: requester ``q`` draws ``min(r, counts[q].sum())`` samples
+              uniformly without replacement from its own shard only (no cross-rank
+              traffic; an ablation baseline). Rows are padded, see :class:`SamplingPlan`.
+        gen: CPU ``torch.Generator``; the same state on every rank gives the same plan.
+            Its use: ``"uniform"``: one :func:`sample_distinct` draw over the union
+            (either branch); ``"class_balanced"``: :func:`_class_sequence` (see there),
+            then one :func:`sample_distinct` for the samples within each (requester,
+            class) group; ``"local"``: one :func:`sample_distinct` with row ``q`` drawing
+            from rank ``q``'s shard. Nothing is drawn when no requester draws.
     Returns:
         A new :class:`SamplingPlan`; the caller owns its tensors.
+    Raises:
+        ValueError: naming the argument, for a bad ``counts``, ``r``, ``mode`` or ``gen``.
 
     Each requester's draws are without replacement; different requesters draw
     independently of one another (the same sample may go to several requesters).
     """
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+    _check_plan_args(counts, r, mode, gen)
+    if mode == "local":
+        return _plan_local(counts, r, gen)
     world = counts.shape[0]
     total = int(counts.sum())
     d = min(r, total)
@@ -187,6 +218,33 @@ def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) ->
     if mode == "uniform":
         return _plan_uniform(counts, d, gen)
     return _plan_class_balanced(counts, d, gen)
+
+
+def _check_plan_args(counts, r, mode, gen) -> None:
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
+    if (not isinstance(counts, torch.Tensor) or counts.dim() != 2 or counts.dtype != torch.int64
+            or counts.device.type != "cpu"):
+        what = (f"a {counts.dtype} {counts.device.type} tensor of shape {tuple(counts.shape)}"
+                if isinstance(counts, torch.Tensor) else type(counts).__name__)
+        raise ValueError(f"counts must be a (world, L) int64 CPU tensor, got {what}")
+    if counts.shape[0] == 0:
+        raise ValueError("counts must have a row per rank, got 0 rows")
+    if counts.numel() and bool((counts < 0).any()):
+        raise ValueError(f"counts must be >= 0, got a minimum of {int(counts.min())}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an int >= 0, got {type(r).__name__} {r!r}")
+    if not isinstance(gen, torch.Generator) or gen.device.type != "cpu":
+        raise ValueError(f"gen must be a CPU torch.Generator, got {gen!r}")
+
+
+def _plan_local(counts: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
+    world = counts.shape[0]
+    per_rank = counts.sum(dim=1)
+    n = per_rank.clamp(max=r)
+    local = sample_distinct(per_rank, n, gen)  # (world, max n), padded with -1
+    owner = torch.where(local >= 0, torch.arange(world).unsqueeze(1), torch.full_like(local, -1))
+    return SamplingPlan(owner, local, None, local.shape[1], n)
 
 
 def _plan_uniform(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
