@@ -225,6 +225,14 @@ def test_class_balanced_law_when_several_classes_run_out():
     assert chisquare_against(seqs, exact_label_law([1, 2, 6], 5)) > 1e-3
 
 
+def test_class_balanced_law_when_classes_run_out_one_after_another():
+    """Sizes [1, 1, 2, 3], 4 draws: classes also run out after the first exhaustion, while
+    several others are still available (the sequential part's own bookkeeping)."""
+    counts = torch.tensor([[1, 0, 2, 0], [0, 1, 0, 3]] + [[0, 0, 0, 0]] * 6)
+    seqs = label_sequences(counts, 4, seed=15, steps=1250)
+    assert chisquare_against(seqs, exact_label_law([1, 1, 2, 3], 4)) > 1e-3
+
+
 def test_class_balanced_law_of_whole_draws_over_uneven_ranks():
     """World 3, classes split unevenly across ranks: the joint law of (class, owner, local)
     sequences, so which stored sample of a class is drawn is checked too."""
