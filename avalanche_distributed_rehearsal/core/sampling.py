@@ -192,6 +192,8 @@ def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) ->
             * ``"local"``: requester ``q`` draws ``min(r, counts[q].sum())`` samples
               uniformly without replacement from its own shard only (no cross-rank
               traffic; an ablation baseline). Rows are padded, see :class:`SamplingPlan`.
+              Row ``q`` still depends on the whole table (each row's uniforms follow the
+              widest row), so every rank must pass the same all-gathered ``counts``.
         gen: CPU ``torch.Generator``; the same state on every rank gives the same plan.
             Its use: ``"uniform"``: one :func:`sample_distinct` draw over the union
             (either branch); ``"class_balanced"``: :func:`_class_sequence` (see there),
