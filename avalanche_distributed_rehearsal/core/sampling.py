@@ -306,7 +306,7 @@ def _class_sequence(class_sizes: torch.Tensor, d: int, world: int, gen: torch.Ge
     pick = classes[torch.randint(classes.numel(), (world, d), generator=gen)]
     if d <= int(class_sizes[classes].min()):
         return pick
-    _, _, _, occurrence = _group_draws(pick, class_sizes.numel())
+    occurrence = _group_draws(pick, class_sizes.numel())[3]
     exhausts = (occurrence + 1) == class_sizes[pick]
     exhausts[:, d - 1] = False  # exhausting a class at the last draw leaves nothing to fix
     goes_on = torch.nonzero(exhausts.any(dim=1)).flatten().tolist()
@@ -338,31 +338,35 @@ def _group_draws(label: torch.Tensor, num_labels: int):
     Args:
         label: ``(world, d)`` int64 classes in ``[0, num_labels)``.
     Returns:
-        ``(order, groups, group_len, occurrence)``: ``order`` ``(world * d,)`` the stable
-        sort of the flattened keys ``requester * num_labels + class``; ``groups`` the
-        distinct keys, ascending, and ``group_len`` their sizes; ``occurrence``
-        ``(world, d)``: how many earlier draws of the same requester have the same class.
+        ``(groups, group_len, group_of_draw, occurrence)``, new int64 tensors: ``groups``
+        the distinct keys ``requester * num_labels + class``, ascending, and ``group_len``
+        their sizes; ``group_of_draw`` ``(world, d)``: each draw's index in ``groups``;
+        ``occurrence`` ``(world, d)``: how many earlier draws of the same requester have
+        the same class.
     """
+    # No repeat_interleave: on CPU it starts a parallel region even for a few elements,
+    # which costs milliseconds per call on a busy host with several intra-op threads.
     world, d = label.shape
     flat_key = (torch.arange(world).unsqueeze(1) * num_labels + label).reshape(-1)
     sorted_key, order = torch.sort(flat_key, stable=True)
-    groups, group_len = torch.unique_consecutive(sorted_key, return_counts=True)
-    starts = torch.cumsum(group_len, 0) - group_len
-    occurrence_sorted = torch.arange(flat_key.numel()) - torch.repeat_interleave(starts, group_len)
-    occurrence = torch.empty_like(occurrence_sorted)
-    occurrence[order] = occurrence_sorted
-    return order, groups, group_len, occurrence.view(world, d)
+    is_start = torch.ones_like(sorted_key, dtype=torch.bool)
+    is_start[1:] = sorted_key[1:] != sorted_key[:-1]
+    group_sorted = torch.cumsum(is_start, 0) - 1
+    starts = torch.nonzero(is_start).flatten()
+    group_len = torch.diff(starts, append=torch.tensor([flat_key.numel()]))
+    occurrence, group_of_draw = torch.empty_like(order), torch.empty_like(order)
+    occurrence[order] = torch.arange(flat_key.numel()) - starts[group_sorted]
+    group_of_draw[order] = group_sorted
+    return sorted_key[starts], group_len, group_of_draw.view(world, d), occurrence.view(world, d)
 
 
 def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
     world, num_labels = counts.shape
     class_sizes = counts.sum(dim=0)
     label = _class_sequence(class_sizes, d, world, gen)
-    order, groups, group_len, occurrence = _group_draws(label, num_labels)
+    groups, group_len, group_of_draw, occurrence = _group_draws(label, num_labels)
     within = sample_distinct(class_sizes[groups % num_labels], group_len, gen)
-    group_of_draw = torch.empty_like(order)
-    group_of_draw[order] = torch.repeat_interleave(torch.arange(groups.numel()), group_len)
-    j = within[group_of_draw, occurrence.reshape(-1)].view(world, d)
+    j = within[group_of_draw, occurrence]
     # Map the within-class index to (owner rank, index among the owner's samples of the class).
     ends = torch.cumsum(counts, dim=0)  # (world, L)
     ends_per_draw = ends.t()[label]  # (world, d, world)
