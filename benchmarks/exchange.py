@@ -25,16 +25,12 @@ import torch
 from .buffer_ops import barrier_for, full_buffers
 from .timing import max_over_ranks, summarize, time_interleaved
 
-#: The stream id ``ShardedRehearsalBuffer.draw`` uses for its per-step generator.
-DRAW_STREAM = 0xD1A
-
-
 def plan_of(buf, counts: torch.Tensor, r: int, step: int):
     """The plan ``buf.draw(r, step)`` follows when the shards hold ``counts``."""
     from avalanche_distributed_rehearsal.core import plan_draws
-    from avalanche_distributed_rehearsal.core.seeding import generator
+    from avalanche_distributed_rehearsal.core.seeding import PLAN, generator
 
-    return plan_draws(counts, r, buf.sampling, generator(buf.seed, step, DRAW_STREAM))
+    return plan_draws(counts, r, buf.sampling, generator(buf.seed, step, PLAN))
 
 
 def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
@@ -44,9 +40,9 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
         return []
     rows = []
     for shape_name, dtype_name, buf, _ in full_buffers(world, rank, cfg):
-        counts = buf.gather_counts()
+        counts = buf.refresh().stored
         row_bytes = buf.storage.layout.row_bytes
-        group = buf.exchange.group
+        group = buf.exchange.payload_group
         for r in cfg["r_values"]:
             n = cfg["warmup"] + cfg["repeats"]
             plans = [plan_of(buf, counts, r, s) for s in range(n)]

@@ -81,7 +81,8 @@ def main():
         strategy.train(exp)
     results = strategy.eval(bench.test_stream)
     core = plugin.storage_policy.core
-    global_counts = core.gather_counts().sum(0).tolist()
+    counts = core.global_counts()  # collective
+    global_counts = [counts.get(c, 0) for c in range(max(counts, default=-1) + 1)]
     out = {
         "rank": rank, "world": world,
         "accuracy": results["Top1_Acc_Stream/eval_phase/test_stream/Task000"],

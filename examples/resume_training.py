@@ -111,7 +111,7 @@ def main() -> None:
            "parameters_sha256": parameter_digest(strategy.model),
            "world_size": world, "resumed_at_experience": start,
            "trained_in_this_run": trained,
-           "buffer_size": int(plugin.storage_policy.core.gather_counts().sum())}  # collective
+           "buffer_size": sum(plugin.storage_policy.core.global_counts().values())}  # collective
     plugin.close()
     if rank == 0:
         print(json.dumps(out), flush=True)

@@ -16,6 +16,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.supervised import Naive
 
 from avalanche_distributed_rehearsal.app.data import load_digits, make_benchmark
+from avalanche_distributed_rehearsal.core.metadata import HEADER
 from avalanche_distributed_rehearsal.integration import (DistributedRehearsalBuffer,
                                                          DistributedReplayPlugin)
 from avalanche_distributed_rehearsal.integration.metrics import (
@@ -105,10 +106,10 @@ def test_single_process_values(async_mode):
     recv = [v for n, v, _ in _by_name(vals, "Buffer_ExchangedBytes_MB") if n.endswith("/Received")]
     assert len(sent) == len(recv) == steps
     assert sent == recv  # one rank talks to itself
-    assert recv[0] == 4 * 8  # step 0: empty buffer, only the 4-word header of the counts
+    assert recv[0] == HEADER * 8  # step 0: empty buffer, only the header of the counts
     for d, b in zip(reps[1:], recv[1:]):
-        meta = b - d * row_bytes  # payload is d records; metadata is (4 + L) int64 per rank
-        assert meta % 8 == 0 and 4 + 1 <= meta // 8 <= 4 + 4
+        meta = b - d * row_bytes  # payload: d records; metadata: header + L (label, count) pairs
+        assert meta % 8 == 0 and HEADER + 2 * 1 <= meta // 8 <= HEADER + 2 * 4
     # --- per experience summaries agree with the per-step values
     waits_mb = _by_name(vals, "Buffer_WaitSeconds_MB")
     waits_exp = _by_name(vals, "Buffer_WaitSeconds_Exp")

@@ -14,6 +14,11 @@ from avalanche_distributed_rehearsal.integration.checkpoint import (  # noqa: E4
     load_training_checkpoint, save_training_checkpoint)
 
 
+def dense_counts(counts):
+    """``{label: n}`` as a list indexed by label (0 where absent)."""
+    return [counts.get(c, 0) for c in range(max(counts, default=-1) + 1)]
+
+
 def fresh():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
@@ -151,7 +156,7 @@ def resume_elsewhere(rank, world, path):
         strategy.train(exp)
     core = plugin.storage_policy.core
     after = {"params": params(strategy), "step": plugin.pipeline.step,
-             "global_counts": core.gather_counts().sum(0).tolist(), "local": len(core),
+             "global_counts": dense_counts(core.global_counts()), "local": len(core),
              "capacity": core.local_capacity}
     plugin.close()
     return {"loaded": loaded, "after": after}

@@ -1,9 +1,9 @@
 """Checkpoints of a sharded buffer: one file per rank plus a manifest, saved atomically,
 loadable on a different number of ranks.
 
-Directory format (``FORMAT_VERSION`` 1)::
+Directory format (``FORMAT_VERSION`` 2)::
 
-    <path>/manifest.json     {"format": "avalanche_distributed_rehearsal.buffer", "version": 1,
+    <path>/manifest.json     {"format": "avalanche_distributed_rehearsal.buffer", "version": 2,
                               "world_size": N, "config": {...}, "layout": [...] | null,
                               "step": S, "shards": [{"file": "shard-00000.pt", "rank": 0,
                               "size": n0, "bytes": b0}, ...]}
@@ -24,12 +24,11 @@ import shutil
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .buffer import ShardedRehearsalBuffer
 
 FORMAT = "avalanche_distributed_rehearsal.buffer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -37,8 +36,7 @@ class CheckpointError(RuntimeError):
 
 
 def _barrier(buffer: ShardedRehearsalBuffer) -> None:
-    if buffer.world_size > 1:
-        dist.barrier(group=getattr(buffer.exchange, "group", None))
+    buffer.exchange.barrier()  # the buffer's gloo group: serves CPU whatever the default is
 
 
 def _shard_name(rank: int) -> str:

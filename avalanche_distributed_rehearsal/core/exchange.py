@@ -1,12 +1,69 @@
-"""Collectives the buffer needs, for a single process or over a dedicated process group."""
+"""Every collective the buffer makes, for a single process or over process groups of its own.
+
+Device rules (NCCL serves CUDA tensors only, gloo serves CPU and CUDA tensors):
+
+* **Metadata** (per-step headers and counts, checkpoint agreement, global metrics) are
+  small CPU tensors or objects. They travel on a gloo group of the buffer's own, created
+  with ``new_group(backend="gloo")`` whatever the default group's backend is (NCCL under
+  torchrun on GPUs), so a CPU tensor never meets a group that cannot serve it.
+* **Payload** (the representatives' records) lives where the shard lives. CPU shards
+  use the metadata group (gloo); CUDA shards use a group of ``payload_backend``
+  (default ``"nccl"``). Such device collectives must be launched from one thread at one
+  fixed point of every step, in the same order on every rank, or two NCCL communicators
+  (ours and DDP's) can deadlock: :attr:`ProcessGroupExchange.device_payload` tells the
+  pipeline to launch them from the training thread (see
+  :class:`~avalanche_distributed_rehearsal.core.pipeline.RehearsalPipeline`).
+
+Groups are created with the default group's timeout unless one is given, so a rank
+that evaluates or checkpoints for long is not cut short by the buffer.
+"""
 
 from __future__ import annotations
 
 import datetime
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
+
+
+#: ``all_gather_single`` where this torch has it (``all_gather_into_tensor`` is deprecated).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def process_group_timeout(group=None) -> float:
+    """Seconds after which collectives on ``group`` (default: the default group) fail.
+
+    Read from the group's backends; torch's default (30 minutes) without a process group.
+    """
+    fallback = dist.default_pg_timeout.total_seconds()
+    if not (dist.is_available() and dist.is_initialized()):
+        return fallback
+    from torch.distributed import distributed_c10d as c10d
+
+    pg = group if group is not None else c10d._get_default_group()
+    seconds = []
+    for device_type in getattr(pg, "_device_types", ()):
+        try:
+            timeout = pg._get_backend(torch.device(device_type)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+        seconds.append(timeout.total_seconds())
+    return max(seconds) if seconds else fallback
+
+
+def serves(group, device_type: str) -> bool:
+    """Whether ``group`` (a process group, or None for the default one) has a backend
+    for tensors of ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+    config = dist.get_backend_config(group)
+    served = set()
+    for part in config.split(","):
+        if ":" in part:
+            served.add(part.split(":", 1)[0].strip())
+        else:  # a plain backend name serves the device types it supports
+            name = part.strip().lower()
+            served |= {"cuda"} if name == "nccl" else {"cpu", "cuda"}
+    return device_type in served
 
 
 class LocalExchange:
@@ -15,10 +72,20 @@ class LocalExchange:
     rank = 0
     world_size = 1
     backend = "none"
+    device_payload = False
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``(1, *tensor.shape)``: this rank's tensor (shares memory)."""
         return tensor.unsqueeze(0)
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        return [obj]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
 
     def all_to_all(self, send: torch.Tensor, send_splits: List[int],
                    recv_splits: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -30,40 +97,71 @@ class LocalExchange:
 
 
 class ProcessGroupExchange:
-    """Collectives on a process group of their own, so buffer traffic from the background
-    thread never interleaves with the model's gradient all-reduce on the default group.
+    """Collectives on process groups of the buffer's own, so buffer traffic never
+    interleaves with the model's gradient all-reduce on the default group.
 
     Args:
-        backend: ``"gloo"`` for CPU storage, ``"nccl"`` for CUDA storage.
-        timeout: every collective on the group fails after this long instead of hanging.
+        device: where the payload lives (the shard's device).
+        timeout: seconds after which any collective fails instead of hanging; default
+            the default group's timeout (:func:`process_group_timeout`).
+        payload_backend: backend of the payload group for a CUDA shard: ``"nccl"``
+            (default), or e.g. ``"cuda:gloo"`` (several ranks sharing one GPU, tests).
 
-    Creating the group is itself collective: every rank of the default group must
+    Creating the groups is itself collective: every rank of the default group must
     construct a ``ProcessGroupExchange`` at the same point of its program.
     """
 
-    def __init__(self, backend: str = "gloo", timeout: float = 300.0):
+    def __init__(self, device: torch.device | str = "cpu", timeout: Optional[float] = None,
+                 payload_backend: Optional[str] = None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ProcessGroupExchange needs an initialised default process group "
                                "(torch.distributed.init_process_group)")
-        self.backend = backend
+        device = torch.device(device)
+        seconds = process_group_timeout() if timeout is None else float(timeout)
+        delta = datetime.timedelta(seconds=seconds)
+        self.timeout = seconds
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.group: Optional[dist.ProcessGroup] = dist.new_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout))
+        self.meta_group: Optional[dist.ProcessGroup] = dist.new_group(backend="gloo", timeout=delta)
+        if device.type == "cpu":
+            self.backend = "gloo"
+            self.payload_group = self.meta_group
+            self.device_payload = False
+        else:
+            self.backend = payload_backend or ("nccl" if dist.is_nccl_available() else "gloo")
+            self.payload_group = dist.new_group(backend=self.backend, timeout=delta)
+            self.device_payload = True
 
+    # ------------------------------------------------------------------ metadata (CPU, gloo)
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``(world, *tensor.shape)``: every rank's ``tensor``, stacked in rank order."""
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        return torch.stack(parts)
+        """``(world, *tensor.shape)``: every rank's CPU ``tensor``, stacked in rank order."""
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((self.world_size * tensor.numel(),))
+        _all_gather_single(out, tensor.view(-1), group=self.meta_group)
+        return out.view((self.world_size,) + tuple(tensor.shape))
 
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        """Every rank's picklable ``obj``, in rank order."""
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, obj, group=self.meta_group)
+        return everyone
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU tensor over ranks, in place; return it."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.meta_group)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.meta_group)
+
+    # ------------------------------------------------------------------ payload (shard device)
     def all_to_all(self, send: torch.Tensor, send_splits: List[int],
                    recv_splits: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Send ``send[rows of split q]`` to rank ``q``; return the rows received, by source rank.
 
-        ``send`` is ``(sum(send_splits), row_bytes)`` uint8; the result is
-        ``(sum(recv_splits), row_bytes)`` uint8: ``out`` when given (contiguous, that
-        shape), else newly allocated.
+        ``send`` is ``(sum(send_splits), row_bytes)`` uint8 on the shard's device; the
+        result is ``(sum(recv_splits), row_bytes)`` uint8: ``out`` when given
+        (contiguous, that shape), else newly allocated.
         """
         shape = (sum(recv_splits),) + tuple(send.shape[1:])
         if out is not None and (tuple(out.shape) != shape or not out.is_contiguous()):
@@ -71,24 +169,24 @@ class ProcessGroupExchange:
                              f"{tuple(out.shape)}")
         recv = send.new_empty(shape) if out is None else out
         dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_splits,
-                               input_split_sizes=send_splits, group=self.group)
+                               input_split_sizes=send_splits, group=self.payload_group)
         return recv
 
     def close(self) -> None:
-        if self.group is not None and dist.is_initialized():
-            try:
-                dist.destroy_process_group(self.group)
-            except (RuntimeError, ValueError):
-                pass
-        self.group = None
+        if dist.is_initialized():
+            groups = {id(g): g for g in (self.payload_group, self.meta_group) if g is not None}
+            for group in groups.values():
+                try:
+                    dist.destroy_process_group(group)
+                except (RuntimeError, ValueError):
+                    pass
+        self.meta_group = self.payload_group = None
 
 
-def default_exchange(storage_device: torch.device, timeout: float = 300.0):
-    """The exchange that fits the current process: local without a process group,
-    gloo for CPU storage, NCCL for CUDA storage (gloo if NCCL is unavailable)."""
+def default_exchange(storage_device: torch.device, timeout: Optional[float] = None,
+                     payload_backend: Optional[str] = None):
+    """The exchange that fits the current process: local without a process group (or
+    with one rank), else :class:`ProcessGroupExchange` for ``storage_device``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return LocalExchange()
-    backend = "gloo"
-    if storage_device.type == "cuda" and dist.is_nccl_available():
-        backend = "nccl"
-    return ProcessGroupExchange(backend=backend, timeout=timeout)
+    return ProcessGroupExchange(storage_device, timeout=timeout, payload_backend=payload_backend)

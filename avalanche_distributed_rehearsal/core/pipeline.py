@@ -8,12 +8,17 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .buffer import INPUT, LABEL, TASK, DrawRecord, ShardedRehearsalBuffer
-from .seeding import derive_seed
+from .buffer import INPUT, LABEL, TASK, DrawRecord, PreparedDraw, ShardedRehearsalBuffer
+from .exchange import process_group_timeout
+from .metadata import StepContext
+from .seeding import CANDIDATES, derive_seed
 from .validation import check_int
 from .worker import BackgroundWorker
 
 Representatives = Dict[str, torch.Tensor]
+#: A job's outcome: the draw's record, and either the draw still to complete (device
+#: payload: the training thread launches its all-to-all) or the representatives.
+Prepared = Tuple[DrawRecord, Optional[PreparedDraw], Optional[Representatives]]
 
 
 class RehearsalPipeline:
@@ -25,11 +30,23 @@ class RehearsalPipeline:
     1. gets the representatives ``R_i`` (prepared in the background during step
        ``i - 1``, or now if none are pending);
     2. picks ``c`` candidates of ``x_i`` at random and submits one job to the worker:
-       insert the candidates into the local shard, then draw ``R_{i+1}``;
+       insert the candidates into the local shard, then prepare ``R_{i+1}``;
     3. returns ``[x_i ; R_i]`` (``b + d`` rows, ``d = min(r, buffer size)``).
 
     ``async_mode=False`` runs the job inline instead; for the same seed both modes produce
     the same shards and the same augmented batches, bit for bit.
+
+    **Collective order.** Metadata (per-class counts, on a gloo group of the buffer's
+    own) is gathered by the job, in the background. The payload of a CPU shard (gloo) is
+    exchanged by the job too. The payload of a CUDA shard travels on an NCCL group, and
+    NCCL requires every rank to launch its communicators' kernels in the same order: if
+    the worker thread launched it while the training thread launches DDP's gradient
+    all-reduce, ranks could interleave them differently and deadlock. So for device
+    payloads the job stops after planning and gathering the records to send, and the
+    training thread launches the all-to-all itself, here, at the start of
+    :meth:`augment`: on every rank, step ``i``'s buffer collective is launched before
+    step ``i``'s forward pass and after step ``i - 1``'s backward pass (whose DDP
+    all-reduces it therefore never overtakes), from one thread, in the same order.
 
     Classes in :attr:`excluded` (see :meth:`exclude`) are never drawn. After each
     :meth:`augment`, :attr:`last_draw` describes the draw whose representatives that step
@@ -41,24 +58,29 @@ class RehearsalPipeline:
             touching the buffer from elsewhere).
         batch_size_mem: r, representatives per step. num_candidates: c, candidates
             offered per step (clamped to the batch size when the batch is smaller).
-        timeout: seconds any wait on the worker may take.
+        timeout: seconds any wait on the worker may take; default the buffer's
+            process-group timeout.
     """
 
     def __init__(self, buffer: ShardedRehearsalBuffer, batch_size_mem: int = 8,
-                 num_candidates: int = 16, async_mode: bool = True, timeout: float = 300.0,
-                 seed: Optional[int] = None):
+                 num_candidates: int = 16, async_mode: bool = True,
+                 timeout: Optional[float] = None, seed: Optional[int] = None):
         check_int("batch_size_mem", batch_size_mem, 0)
         check_int("num_candidates", num_candidates, 0)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.buffer = buffer
         self.batch_size_mem = batch_size_mem
         self.num_candidates = num_candidates
         self.async_mode = bool(async_mode)
         self.seed = buffer.seed if seed is None else seed
         self.step = 0
+        if timeout is None:
+            timeout = getattr(buffer.exchange, "timeout", None) or process_group_timeout()
         self.worker = BackgroundWorker(timeout=timeout, device=buffer.device
                                        if buffer.device.type == "cuda" else None)
         self._pending: Optional[Future] = None
-        self._ready: Optional[Tuple[Representatives, Optional[DrawRecord]]] = None
+        self._ready: Optional[Prepared] = None
         self.excluded: tuple = ()
         self.wait_seconds = 0.0
         self.last_representatives = 0
@@ -66,32 +88,36 @@ class RehearsalPipeline:
 
     # ------------------------------------------------------------------ the step
     def augment(self, inputs: torch.Tensor, labels: torch.Tensor,
-                task_labels: Optional[torch.Tensor] = None, offer: bool = True
+                task_labels: Optional[torch.Tensor] = None, offer: bool = True,
+                context: StepContext = StepContext()
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(inputs', labels', task_labels')``: the batch followed by its representatives.
 
-        Every rank must call it once per training step. ``inputs`` is ``(b, ...)``;
-        the outputs have ``b + d`` rows, on ``inputs.device``, in the batch's dtypes.
-        ``offer=False`` offers no candidate this step (the batch was offered before).
-        Candidates are copied before the call returns work to the worker; the caller
-        may reuse its tensors freely.
+        Every rank must call it once per training step, with the same ``context`` (its
+        position in training: checked against every other rank's at each gather).
+        ``inputs`` is ``(b, ...)``; the outputs have ``b + d`` rows, on ``inputs.device``,
+        in the batch's dtypes. ``offer=False`` offers no candidate this step (the batch
+        was offered before). Candidates are copied before the call returns work to the
+        worker; the caller may reuse its tensors freely.
         """
         if self.worker.closed:
             raise RuntimeError("the rehearsal pipeline is closed")
         self.buffer.check_insert(inputs, labels, task_labels)
         if task_labels is None:
             task_labels = torch.zeros_like(labels)
-        reps = self._take(inputs.device)
+        if inputs.is_cuda:
+            self.worker.use_device(inputs.device)  # a side stream, CPU shards included
+        reps = self._take(inputs.device, context)
         cand_x, cand_y, cand_t = self._candidates(inputs, labels, task_labels,
                                                   self.num_candidates if offer else 0)
         job_step, excluded = self.step + 1, self.excluded
         if self.async_mode:
             self._pending = self.worker.submit(
-                lambda x, y, t: self._insert_and_draw(x, y, t, job_step, inputs.device, excluded),
+                lambda x, y, t: self._job(x, y, t, job_step, inputs.device, excluded, context),
                 cand_x, cand_y, cand_t)
         else:
-            self._ready = self._insert_and_draw(cand_x, cand_y, cand_t, job_step, inputs.device,
-                                                excluded)
+            self._ready = self._job(cand_x, cand_y, cand_t, job_step, inputs.device, excluded,
+                                    context)
         self.step += 1
         self.last_representatives = len(reps[LABEL]) if reps else 0
         if not reps:
@@ -103,25 +129,35 @@ class RehearsalPipeline:
     def _candidates(self, inputs, labels, task_labels, num_candidates: int):
         b = inputs.shape[0]
         c = min(num_candidates, b)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.buffer.rank, self.step, 0xCA))
+        gen = torch.Generator().manual_seed(
+            derive_seed(self.seed, self.buffer.rank, self.step, CANDIDATES))
         index = torch.randperm(b, generator=gen)[:c].to(inputs.device, non_blocking=True)
         return inputs.index_select(0, index), labels.index_select(0, index), task_labels.index_select(0, index)
 
-    def _insert_and_draw(self, x, y, t, step: int, out_device, excluded: tuple):
+    def _job(self, x, y, t, step: int, out_device, excluded: tuple,
+             context: StepContext) -> Prepared:
+        """Insert the candidates, then prepare (and, unless the payload is a device
+        collective, complete) the draw for ``step``."""
         if x.shape[0]:
             self.buffer.insert(x, y, t)
-        reps = self.buffer.draw(self.batch_size_mem, step, out_device, exclude=excluded)
-        return reps, self.buffer.last_draw
+        return self._prepare(step, out_device, excluded, context)
 
-    def _take(self, device) -> Representatives:
+    def _prepare(self, step: int, out_device, excluded: tuple, context: StepContext) -> Prepared:
+        prepared = self.buffer.prepare_draw(self.batch_size_mem, step, excluded, context)
+        if self.buffer.exchange.device_payload:
+            return prepared.record, prepared, None
+        return prepared.record, None, self.buffer.complete_draw(prepared, out_device)
+
+    def _take(self, device, context: StepContext) -> Representatives:
         start = time.perf_counter()
         if self._pending is not None:
-            reps, record = self._wait_pending()
+            record, prepared, reps = self._wait_pending()
         elif self._ready is not None:
-            (reps, record), self._ready = self._ready, None
+            (record, prepared, reps), self._ready = self._ready, None
         else:
-            reps = self.buffer.draw(self.batch_size_mem, self.step, device, exclude=self.excluded)
-            record = self.buffer.last_draw
+            record, prepared, reps = self._prepare(self.step, device, self.excluded, context)
+        if prepared is not None:  # the training thread launches the device collective
+            reps = self.buffer.complete_draw(prepared, device)
         self.wait_seconds = time.perf_counter() - start
         self.last_draw = record
         return reps
@@ -144,7 +180,7 @@ class RehearsalPipeline:
         """The most recent finished draw: the one prepared for the next step (after waiting
         for it), else the one of the last step. Re-raises a worker exception."""
         self.drain()
-        return self._ready[1] if self._ready is not None else self.last_draw
+        return self._ready[0] if self._ready is not None else self.last_draw
 
     # ------------------------------------------------------------------ lifecycle
     def drain(self) -> None:
@@ -174,7 +210,8 @@ class RehearsalPipeline:
         """Drop prepared representatives (after the buffer changed outside the pipeline).
 
         Collective in effect: the next :meth:`augment` draws inline on every rank, so
-        every rank must invalidate at the same point.
+        every rank must invalidate at the same point. A draw whose device payload was
+        not exchanged yet is dropped before its collective is launched, on every rank.
         """
         self.drain()
         self._ready = None

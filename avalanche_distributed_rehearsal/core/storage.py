@@ -7,6 +7,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 from .layout import RecordLayout
+from .staging import PinnedStaging
 
 #: Field size from which :meth:`ShardStorage.write_fields` copies a partial batch row by
 #: row instead of gathering it first (a gathered temporary costs more than the loop).
@@ -23,12 +24,15 @@ class ShardStorage:
 
     Args:
         capacity: maximum number of rows (samples) this shard holds; ``>= 0``.
-        device: where the rows live. CPU storage is allocated in pinned memory when
-            ``pin_memory`` is true (the default when CUDA is available), which lets
-            host-to-device copies of representatives run asynchronously.
+        device: where the rows live.
+        pin_memory: allocate CPU rows in page-locked memory (default False). Not needed
+            for asynchronous copies: the per-step traffic between a CPU shard and a GPU
+            goes through small persistent pinned buffers (:attr:`staging`), and pinning a
+            large shard through PyTorch's caching host allocator rounds it up to a power
+            of two.
 
     The storage owns its memory. :meth:`gather` returns new tensors (copies); only
-    :meth:`fields` returns views into the storage.
+    :meth:`fields` and :meth:`columns` return views into the storage.
     """
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu",
@@ -36,9 +40,8 @@ class ShardStorage:
         if not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
         self.device = torch.device(device)
-        if pin_memory is None:
-            pin_memory = self.device.type == "cpu" and torch.cuda.is_available()
-        self.pin_memory = bool(pin_memory)
+        self.pin_memory = bool(pin_memory) and self.device.type == "cpu"
+        self._staging: Optional[PinnedStaging] = None
         self.capacity = capacity
         self.size = 0
         self.layout: Optional[RecordLayout] = None
@@ -49,6 +52,13 @@ class ShardStorage:
     @property
     def allocated(self) -> bool:
         return self.rows is not None
+
+    @property
+    def staging(self) -> PinnedStaging:
+        """The pinned buffers for copies between this (CPU) storage and a GPU."""
+        if self._staging is None:
+            self._staging = PinnedStaging()
+        return self._staging
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +119,16 @@ class ShardStorage:
         for name, spec in self.layout.fields.items():
             value = values[name]
             column = columns[name]
+            if value.is_cuda and self.device.type == "cpu":
+                # Select on the GPU, then one copy into a pinned buffer (waited for in the
+                # calling thread, on its own stream only), then into the storage.
+                if prefix:
+                    value = value[: len(slots)]
+                else:
+                    value = value.index_select(0, torch.tensor(rows, dtype=torch.int64,
+                                                               device=value.device))
+                column.index_copy_(0, index, self.staging.to_host(f"write-{name}", value))
+                continue
             if not prefix and spec.nbytes >= _ROW_COPY_BYTES:
                 # Large samples, some rows kept: copy row by row, no gathered temporary.
                 for slot, row in zip(slots, rows):

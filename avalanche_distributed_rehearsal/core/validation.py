@@ -10,7 +10,10 @@ from typing import Optional
 
 import torch
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_INT_DTYPES = tuple(d for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                                getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                getattr(torch, "uint64", None)) if d is not None)
+LABEL_MAX = 2 ** 63 - 1
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -52,10 +55,30 @@ def check_batch(inputs, labels, task_labels: Optional[torch.Tensor]) -> None:
             raise ValueError(f"{name} must have shape ({n},) to match inputs, got {tuple(t.shape)}")
 
 
+def to_int64_cpu(name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (any integer dtype, any device) as a CPU int64 tensor.
+
+    uint64 values above ``2**63 - 1`` cannot be served (labels travel as int64) and are
+    refused with a ValueError instead of wrapping around.
+    """
+    if values.dtype == getattr(torch, "uint64", None):
+        as_signed = values.cpu().view(torch.int64)
+        if as_signed.numel() and bool((as_signed < 0).any()):
+            raise ValueError(f"{name} must be integers in [0, 2**63 - 1]; got a uint64 value "
+                             "above 2**63 - 1")
+        return as_signed
+    return values.to("cpu", torch.int64)
+
+
 def check_label_values(labels: torch.Tensor, task_labels: torch.Tensor) -> None:
-    """Value checks (reads the tensors: call on CPU copies off the hot path)."""
+    """Value checks of CPU int64 tensors (reads them: call off the hot path).
+
+    Labels may be any int64 >= 0 (sparse or huge labels cost nothing extra: the buffer's
+    metadata grows with the classes present, not with the largest label).
+    """
     if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be non-negative class indices, got min {int(labels.min())}")
+        raise ValueError(f"labels must be non-negative class indices in [0, 2**63 - 1], got "
+                         f"min {int(labels.min())}")
     if task_labels.numel() and int(task_labels.min()) < 0:
         raise ValueError(f"task_labels must be non-negative, got min {int(task_labels.min())}")
 

@@ -135,12 +135,16 @@ class BackgroundWorker:
 
     Args:
         timeout: seconds :meth:`result` waits before raising :class:`WorkerTimeoutError`,
-            and the longest :meth:`close` waits for a running job.
-        device: when a CUDA device, jobs run on a dedicated CUDA stream of that device.
-            A job waits (on the GPU, not the host) for the work the training stream had
-            queued at submission, and the training stream waits for the job's work when
-            the result is taken; tensors crossing streams are marked with
-            ``record_stream`` so the caching allocator never reuses them too early.
+            and the longest :meth:`close` waits for a running job; default the default
+            process group's timeout (30 minutes without one).
+        device: when a CUDA device, jobs run on a dedicated CUDA stream of that device
+            (:meth:`use_device` sets it later, e.g. at the first CUDA batch of a CPU
+            shard). A job waits (on the GPU, not the host) for the work the submitting
+            thread's current stream had queued at submission, and that stream waits for
+            the job's work when the result is taken; tensors crossing streams are marked
+            with ``record_stream`` so the caching allocator never reuses them too early.
+            Host synchronisations inside a job (a copy to the CPU, a value read) wait for
+            the worker's stream only, never for the queued training kernels.
 
     An exception raised by a job is re-raised by :meth:`result` in the calling thread,
     with the job's original traceback attached. The thread (named ``rehearsal-worker-N``)
@@ -151,16 +155,31 @@ class BackgroundWorker:
     on a rank that stopped) is abandoned with the process, whose buffer dies with it anyway.
     """
 
-    def __init__(self, timeout: float = 300.0, device: Optional[torch.device] = None,
+    def __init__(self, timeout: Optional[float] = None, device: Optional[torch.device] = None,
                  name: str = "rehearsal-worker"):
+        if timeout is None:
+            from .exchange import process_group_timeout
+
+            timeout = process_group_timeout()
         self.timeout = float(timeout)
         self._jobs = _JobThread(f"{name}-{next(_names)}")
         self._finalizer = weakref.finalize(self, self._jobs.close, self.timeout)
         self._finalizer.atexit = False  # exit is handled by _stop_all_at_exit
-        self.device = torch.device(device) if device is not None else None
+        self.device = None
         self.stream = None
-        if self.device is not None and self.device.type == "cuda":
-            self.stream = torch.cuda.Stream(device=self.device)
+        if device is not None:
+            self.use_device(device)
+
+    def use_device(self, device: torch.device) -> None:
+        """Run jobs on a side stream of CUDA ``device`` from now on (no-op for a CPU
+        device, or once a stream exists)."""
+        device = torch.device(device)
+        if self.stream is not None or device.type != "cuda":
+            return
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
 
     @property
     def closed(self) -> bool:
@@ -212,10 +231,6 @@ class BackgroundWorker:
         _record_all(out, current)
         return out
 
-    def run_inline(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in the calling thread (the synchronous mode's path)."""
-        return fn(*args)
-
     def close(self, wait: bool = True) -> None:
         """Finish queued jobs and stop the thread, waiting at most ``timeout`` seconds.
 
@@ -242,4 +257,7 @@ def _record_all(obj: Any, stream) -> None:
             _record_all(v, stream)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
+            _record_all(v, stream)
+    elif hasattr(obj, "tensors"):  # e.g. a PreparedDraw
+        for v in obj.tensors():
             _record_all(v, stream)

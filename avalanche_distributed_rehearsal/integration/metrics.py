@@ -26,16 +26,14 @@ When the values are taken (``every``):
   describe the buffer after every candidate of the experience was inserted; per-step
   quantities are summarised (mean per step; the wait time is the experience's total).
 
-Global values never need a collective that only some ranks run. With
+Global values never need a collective of their own. With
 :class:`DistributedReplayPlugin`, every draw already all-gathers the per-class counts of
-every shard (``ShardedRehearsalBuffer.gather_counts``); the metrics keep the ``(world, L)``
-table of the draw in question (``RehearsalPipeline.last_draw``, a
+every shard (on the buffer's own gloo group); the metrics keep the table of the draw in
+question (``RehearsalPipeline.last_draw``, a
 :class:`~avalanche_distributed_rehearsal.core.DrawRecord`), so the global size and global
 per-class counts are exact, identical on every rank, and free. Without per-step draws
-(the buffer used through the stock ``ReplayPlugin``), the global metrics run two small
-``all_reduce`` calls (``MAX`` of the label width, then ``SUM`` of a ``(L,)`` int64 count
-vector) on the default process group *at the metric's hook*, which every rank reaches
-together because every rank runs the same strategy with the same evaluator. Local
+(the buffer used through the stock ``ReplayPlugin``), ``post_adapt`` ends with the same
+gather, and the metrics read that table (``ShardedRehearsalBuffer.last_table``). Local
 metrics never communicate.
 """
 
@@ -43,7 +41,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-import torch
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
@@ -70,25 +67,6 @@ def find_buffer(strategy: "SupervisedTemplate") -> Optional[DistributedRehearsal
         if isinstance(policy, DistributedRehearsalBuffer):
             return policy
     return None
-
-
-def _counts_to_dict(row: torch.Tensor) -> Dict[int, int]:
-    return {int(c): int(n) for c, n in enumerate(row.tolist()) if n}
-
-
-def _allreduce_counts(local: Dict[int, int]) -> Dict[int, int]:
-    """Global per-class counts from local ones: two tiny all_reduces on the default group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(local)
-    width = torch.tensor([max(local, default=-1) + 1], dtype=torch.int64)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    counts = torch.zeros(int(width.item()), dtype=torch.int64)
-    for c, n in local.items():
-        counts[c] = n
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return _counts_to_dict(counts)
 
 
 class _BufferMetric(PluginMetric):
@@ -194,15 +172,16 @@ class _CountsMetric(_BufferMetric):
         record = self._record(strategy, phase)
         if record is not None:
             rank = self._policy(strategy).rank
-            row = record.counts.sum(0) if self.scope == "global" else record.counts[rank]
-            return _counts_to_dict(row)
+            return record.class_counts(None if self.scope == "global" else rank)
         core = self._core(strategy)
         policy = self._policy(strategy)
         if core is None or policy is None or policy.pipeline is not None:
             # no buffer yet, or a plugin-driven buffer with no finished draw: nothing sure
             return None
-        local = core.class_counts()  # no pipeline: the core is idle in this thread
-        return _allreduce_counts(local) if self.scope == "global" else local
+        if self.scope == "local":
+            return core.class_counts()  # no pipeline: the core is idle in this thread
+        table = core.last_table  # gathered at the end of post_adapt
+        return None if table is None else table.class_counts()
 
     @property
     def base_name(self):

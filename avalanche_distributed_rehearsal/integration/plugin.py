@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Optional, Set
 import torch
 from avalanche.core import SupervisedPlugin
 
-from ..core import RehearsalPipeline
+from ..core import RehearsalPipeline, StepContext
 from ..core.validation import check_int
-from .storage_policy import DistributedRehearsalBuffer
+from .storage_policy import DistributedRehearsalBuffer, refuse_dictionary_samples
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -41,7 +41,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         device: where shards live; None follows the strategy's device.
         storage_policy: an existing :class:`DistributedRehearsalBuffer` to use (its
             ``max_size`` must equal ``mem_size``); other storage arguments are then ignored.
-        timeout: seconds any wait on the worker or a collective may take.
+        timeout: seconds any wait on the worker or a collective may take; default (None)
+            the default process group's timeout.
         nonfinite: ``"raise"`` (default) rejects batches with NaN or Inf inputs;
             ``"skip"`` keeps such samples out of the buffer.
         replay_new_classes: False (default): while an experience trains, samples of the
@@ -65,7 +66,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
                  async_mode: bool = True, seed: int = 0,
                  device: Optional[str | torch.device] = None,
                  storage_policy: Optional[DistributedRehearsalBuffer] = None,
-                 timeout: float = 300.0, nonfinite: str = "raise",
+                 timeout: Optional[float] = None, nonfinite: str = "raise",
                  replay_new_classes: bool = False):
         super().__init__()
         check_int("mem_size", mem_size, 1)
@@ -121,6 +122,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self._ensure_pipeline(strategy)
 
     def before_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
+        refuse_dictionary_samples(strategy.experience.dataset, "DistributedReplayPlugin")
         pipeline = self._ensure_pipeline(strategy)
         classes = self._experience_classes = _experience_classes(strategy.experience)
         if self.replay_new_classes or classes is None:
@@ -135,7 +137,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
                              f"got {len(mbatch)} elements")
         first_epoch = strategy.clock.train_exp_epochs == 0
         x, y, t = self._ensure_pipeline(strategy).augment(mbatch[0], mbatch[1], mbatch[2],
-                                                          offer=first_epoch)
+                                                          offer=first_epoch,
+                                                          context=step_context(strategy))
         strategy.mbatch = [x, y, t]
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
@@ -190,6 +193,18 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     def close(self) -> None:
         """Stop the background worker and release the buffer's process group."""
         self.storage_policy.close()
+
+
+def step_context(strategy) -> StepContext:
+    """Where the strategy is in training, for the buffer's cross-rank step checks:
+    experience, epoch, iteration within the epoch and iterations per epoch."""
+    clock = strategy.clock
+    try:
+        epoch_length = len(strategy.dataloader)
+    except TypeError:  # a loader without a length
+        epoch_length = -1
+    return StepContext(clock.train_exp_counter, clock.train_exp_epochs,
+                       clock.train_epoch_iterations, epoch_length)
 
 
 def _experience_classes(experience) -> Optional[Set[int]]:

@@ -17,6 +17,17 @@ from ..core.sampling import SAMPLING_MODES
 from ..core.validation import NONFINITE_POLICIES, check_choice, check_int
 
 
+#: Samples per rank inserted between two gathers of per-class counts in ``post_adapt``.
+POST_ADAPT_CHUNK = 256
+
+
+def refuse_dictionary_samples(dataset, where: str) -> None:
+    """Raise ValueError when ``dataset``'s samples are dictionaries (not supported yet)."""
+    if len(dataset) and isinstance(dataset[0], dict):
+        raise ValueError(f"{where}: the dataset's samples are dictionaries; this release "
+                         "handles samples of (input, label[, task label]) only")
+
+
 def _world():
     import torch.distributed as dist
 
@@ -39,7 +50,9 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
             follow the strategy's device (resolved at the first use).
         nonfinite: ``"raise"`` (default) rejects batches whose inputs hold NaN or Inf;
             ``"skip"`` leaves such samples out of the buffer.
-        timeout: seconds any collective or wait on the background worker may take.
+        timeout: seconds any collective or wait on the background worker may take;
+            default (None) the default process group's timeout (30 minutes without one),
+            so a rank that evaluates or checkpoints for long does not end the run.
 
     Used alone, with Avalanche's stock ``ReplayPlugin(storage_policy=...)``, it is updated
     once per experience (``post_adapt``/``update``) and :attr:`buffer` is this rank's shard
@@ -52,13 +65,14 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
 
     def __init__(self, max_size: int = 2000, sampling: str = "uniform", seed: int = 0,
                  device: Optional[str | torch.device] = None, nonfinite: str = "raise",
-                 timeout: float = 300.0):
+                 timeout: Optional[float] = None):
         check_int("max_size", max_size, 1)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_int("seed", seed, 0)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         _, world = _world()
         if max_size < world:
             raise ValueError(f"max_size ({max_size}) must be at least the world size ({world})")
@@ -67,7 +81,7 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         self.seed = seed
         self.device = None if device is None else torch.device(device)
         self.nonfinite = nonfinite
-        self.timeout = float(timeout)
+        self.timeout = None if timeout is None else float(timeout)
         self.config: dict = {}
         self._core: Optional[ShardedRehearsalBuffer] = None
         self.pipeline: Optional[RehearsalPipeline] = None
@@ -131,22 +145,34 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     def post_adapt(self, agent_state, exp) -> None:
         """Insert this rank's share of ``exp.dataset`` (samples ``rank, rank + world, ...``).
 
-        Every rank must call it for the same experience: the shards together then see
-        each sample of the experience exactly once.
+        Collective: every rank must call it for the same experience (Avalanche's
+        ``ReplayPlugin`` does, after each experience); the shards together then see each
+        sample of the experience exactly once. The samples go in chunks of
+        :data:`POST_ADAPT_CHUNK` per rank, the same number of chunks on every rank, each
+        preceded by a gather of every rank's per-class counts (the quotas stay global),
+        and one more gather at the end, whose counts the buffer metrics report.
         """
-        core = self.materialize(getattr(agent_state, "device", "cpu"))
-        self._idle()
-        rank, world = core.rank, core.world_size
         dataset = exp.dataset
         if hasattr(dataset, "eval"):
             dataset = dataset.eval()
+        refuse_dictionary_samples(dataset, "DistributedRehearsalBuffer.post_adapt")
+        core = self.materialize(getattr(agent_state, "device", "cpu"))
+        self._idle()
+        rank, world = core.rank, core.world_size
         indices = list(range(rank, len(dataset), world))
-        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=256,
-                            shuffle=False, num_workers=0)
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            t = batch[2] if len(batch) > 2 else torch.zeros_like(y)
-            core.insert(x, y, t)
+        chunks = -(-(-(-len(dataset) // world)) // POST_ADAPT_CHUNK)  # same on every rank
+        for k in range(chunks):
+            core.refresh(step=k)
+            part = indices[k * POST_ADAPT_CHUNK:(k + 1) * POST_ADAPT_CHUNK]
+            if not part:
+                continue
+            loader = DataLoader(torch.utils.data.Subset(dataset, part), batch_size=len(part),
+                                shuffle=False, num_workers=0)
+            for batch in loader:
+                x, y = batch[0], batch[1]
+                t = batch[2] if len(batch) > 2 else torch.zeros_like(y)
+                core.insert(x, y, t)
+        core.refresh(step=chunks)
         if self.pipeline is not None:
             self.pipeline.invalidate()
 
