@@ -39,7 +39,8 @@ CHILD_PREAMBLE = "import signal\nsignal.signal(signal.SIGINT, signal.default_int
 
 @pytest.fixture(autouse=True)
 def ctrl_c_raises():
-    """SIGINT raises KeyboardInterrupt in this process during the test, whatever pytest inherited."""
+    """SIGINT raises KeyboardInterrupt in this process during the test, whatever pytest
+    inherited."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

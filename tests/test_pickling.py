@@ -2,6 +2,7 @@
 own (dill) checkpoints, ``avalanche.checkpointing.save_checkpoint`` / ``maybe_load_checkpoint``."""
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -16,6 +17,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from avalanche_distributed_rehearsal import (DistributedRehearsalBuffer,  # noqa: E402
                                              DistributedReplayPlugin)
+from dist_harness import run_ranks  # noqa: E402
 
 # Avalanche 0.6's dill checkpoint cannot pickle a torch optimizer with torch 2.14, dill 0.4.1
 # and typing_extensions 4.16 ("Can't pickle sentinel: it's not the same object as
@@ -117,7 +119,8 @@ def test_avalanche_checkpoint_round_trips_a_strategy_using_our_objects(tmp_path,
     assert restored is not fresh_plugin and torch.equal(params(fresh), saved_params)
     if ours:
         policy = policy_of(restored)
-        assert isinstance(policy, DistributedRehearsalBuffer) and policy is not policy_of(fresh_plugin)
+        assert isinstance(policy, DistributedRehearsalBuffer)
+        assert policy is not policy_of(fresh_plugin)
         # the shard is held until the buffer is created, then loaded into it, bit for bit
         assert policy.local_size() == len(saved_shard["rows"])
         got_fields = fields(policy)
@@ -140,6 +143,49 @@ def test_avalanche_checkpoint_round_trips_a_strategy_using_our_objects(tmp_path,
         assert set(policy.core.class_counts()) == set(range(6))
 
 
+def checkpoint_per_rank(rank, world, directory):
+    """Each rank saves an Avalanche checkpoint of its own and resumes from it."""
+    bench = tiny_benchmark()
+    plugin = DistributedReplayPlugin(mem_size=30, batch_size_mem=4, seed=3, timeout=60)
+    strategy = make_strategy(plugin)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    shard, counters = plugin.storage_policy.state_dict(), plugin.state_dict(include_buffer=False)
+    path = os.path.join(directory, f"ckpt-{rank}.pkl")
+    if rank == 1:  # ranks pickle on their own, at different times: no collective inside
+        import time
+        time.sleep(1.0)
+    save_checkpoint(strategy, path, exclude=EXCLUDE)
+    plugin.close()
+
+    fresh, _ = maybe_load_checkpoint(make_strategy(DistributedReplayPlugin(mem_size=30)), path)
+    (restored,) = [p for p in fresh.plugins if isinstance(p, DistributedReplayPlugin)]
+    policy = restored.storage_policy
+    loaded_counters = restored.state_dict(include_buffer=False)
+    core = policy.materialize(fresh.device)  # collective: every rank creates its shard
+    loaded = core.state_dict()
+    same = torch.equal(loaded["rows"], shard["rows"]) and loaded["reservoir"] == shard["reservoir"]
+    fresh.train(bench.train_stream[2])
+    core = policy.core  # waits for the job train() leaves in flight (it runs collectives)
+    out = {"same_shard": same, "rank": core.rank, "world": core.world_size,
+           "counters": (loaded_counters == counters), "step": restored.pipeline.step,
+           "saved_step": counters["pipeline"]["step"], "global": int(core.gather_counts().sum()),
+           "classes": sorted(restored.seen_classes)}
+    restored.close()
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_avalanche_checkpoints_under_two_ranks_one_file_per_rank(tmp_path):
+    results = run_ranks(checkpoint_per_rank, 2, str(tmp_path), timeout=150)
+    for rank, r in enumerate(results):
+        assert r["same_shard"] and r["counters"] and (r["rank"], r["world"]) == (rank, 2)
+        # Avalanche gives each rank half of each experience: 40 samples, 3 steps of <= 16
+        assert (r["saved_step"], r["step"]) == (6, 9) and r["global"] == 30
+        assert r["classes"] == list(range(6))
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pkl")) == ["ckpt-0.pkl", "ckpt-1.pkl"]
+
+
 # --------------------------------------------------------------------------- pickle, deepcopy
 def round_trips(obj):
     return [pickle.loads(pickle.dumps(obj)), copy.deepcopy(obj)]
@@ -148,7 +194,8 @@ def round_trips(obj):
 @pytest.mark.timeout(120)
 def test_pickle_and_deepcopy_before_and_after_training_and_after_close():
     bench = tiny_benchmark()
-    plugin = DistributedReplayPlugin(mem_size=30, batch_size_mem=4, seed=3, sampling="class_balanced")
+    plugin = DistributedReplayPlugin(mem_size=30, batch_size_mem=4, seed=3,
+                                     sampling="class_balanced")
     policy = plugin.storage_policy
     for obj in round_trips(plugin) + round_trips(policy):  # before any training
         copy_policy = obj if isinstance(obj, DistributedRehearsalBuffer) else obj.storage_policy
