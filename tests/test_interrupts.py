@@ -30,12 +30,35 @@ def worker_threads():
 
 
 # --------------------------------------------------------------------------- helpers
-def start(script: str, tmp_path, name: str, env=None) -> subprocess.Popen:
+# A process inherits its parent's SIGINT disposition, and a shell that runs the suite as a
+# background job (or a CI runner) hands it SIGINT *ignored*; Python then installs no
+# KeyboardInterrupt handler. So every child these tests start, and every test here that
+# signals itself, sets the handler it relies on explicitly.
+CHILD_PREAMBLE = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process during the test, whatever pytest
+    inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def start(script: str, tmp_path, name: str, env=None, inherit_sigint=None) -> subprocess.Popen:
+    """Run ``script`` in a child Python. ``inherit_sigint``: the SIGINT disposition the
+    child inherits (``signal.SIG_IGN`` is what a shell's background job gets); None: ours."""
     path = tmp_path / name
-    path.write_text(textwrap.dedent(script))
+    path.write_text(CHILD_PREAMBLE + textwrap.dedent(script))
+    preexec = None if inherit_sigint is None else (
+        lambda: signal.signal(signal.SIGINT, inherit_sigint))
     return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, preexec_fn=preexec,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 # this checkout's package, not whichever one is installed
+                                 "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                 **(env or {})})
 
 
 def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> list:
@@ -64,6 +87,25 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple:
         out, _ = proc.communicate()
         pytest.fail(f"the process did not exit within {timeout} s of Ctrl-C:\n{out[-3000:]}")
     return out, time.monotonic() - start
+
+
+SLEEPER_SCRIPT = """
+    import time
+    print("READY", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+def test_children_get_ctrl_c_whatever_sigint_disposition_they_inherit(tmp_path, inherited):
+    """The Ctrl-C tests below send SIGINT to children; a suite run as a background job
+    hands them SIGINT ignored, so each child must set the handler it relies on itself."""
+    proc = start(SLEEPER_SCRIPT, tmp_path, "sleeper.py", inherit_sigint=inherited)
+    wait_for_line(proc, "READY", timeout=30)
+    proc.send_signal(signal.SIGINT)
+    out, seconds = finish(proc, timeout=10)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in out, out[-3000:]
 
 
 # A training script: Naive + the asynchronous plugin on the digits, endless epochs. It

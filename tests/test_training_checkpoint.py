@@ -209,3 +209,63 @@ def test_every_rank_gets_its_own_random_state_back(tmp_path):
         assert torch.equal(expected, got)
     assert not torch.equal(results[0][0], results[1][0])
     assert sorted(p.name for p in (tmp_path / "run").glob("rng-*.pt")) == ["rng-00000.pt", "rng-00001.pt"]
+
+
+# --------------------------------------------------------------------------- elastic RNG
+def draws():
+    """The next values of every generator a training step draws from (CPU here)."""
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.rand(4).tolist(), "python": [random.random() for _ in range(4)],
+            "numpy": np.random.rand(4).tolist()}
+
+
+def save_with_rank_streams(rank, world, path):
+    import random
+
+    import numpy as np
+
+    strategy, plugin = fresh_ddp()
+    torch.manual_seed(1000 + rank)  # each rank its own streams, as dropout etc. leave them
+    random.seed(2000 + rank)
+    np.random.seed(3000 + rank)
+    save_training_checkpoint(path, strategy, plugin)
+    expected = draws()
+    plugin.close()
+    return expected
+
+
+def resume_twice_and_draw(rank, world, path):
+    """Resume from ``path`` twice, from different random states; return both draws."""
+    import random
+
+    import numpy as np
+
+    out = []
+    for scramble in (4242, 77):
+        torch.manual_seed(scramble)
+        random.seed(scramble)
+        np.random.seed(scramble)
+        strategy, plugin = fresh_ddp()
+        load_training_checkpoint(path, strategy, plugin)
+        plugin.close()
+        out.append(draws())
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_new_ranks_of_an_elastic_resume_get_their_own_reproducible_random_state(tmp_path):
+    path = str(tmp_path / "run")
+    saved = run_ranks(save_with_rank_streams, 2, path, timeout=100)
+    resumed = run_ranks(resume_twice_and_draw, 4, path, timeout=150)
+    first = [r[0] for r in resumed]
+    for rank in (0, 1):  # ranks that saved get their own streams back
+        assert first[rank] == saved[rank]
+    for rank in range(4):  # the same checkpoint resumes to the same streams, whatever came before
+        assert resumed[rank][1] == first[rank], rank
+    for a in range(4):  # ranks 2 and 3 (new) share no stream with each other or ranks 0, 1
+        for b in range(a + 1, 4):
+            for lib in ("torch", "python", "numpy"):
+                assert first[a][lib] != first[b][lib], (a, b, lib)

@@ -7,10 +7,17 @@ strategy clock's counters and the plugin's state (step counter, classes seen); a
 ``rng-<rank>.pt``: every rank's random number generator states (torch, CUDA, Python,
 NumPy: data-loader shuffling, dropout and augmentations draw from them). All plain
 tensors and ints.
+
+Resuming on more ranks than saved: a rank with no saved generator state of its own seeds
+every generator from :func:`~avalanche_distributed_rehearsal.core.seeding.derive_seed` of
+a digest of rank 0's saved torch state and its own rank, so new ranks draw different
+streams from each other and from the saved ranks, and the same checkpoint always resumes
+to the same streams.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from typing import Optional
@@ -20,6 +27,7 @@ import torch
 
 from ..core.checkpoint import (CheckpointError, load_buffer_checkpoint, rank_file_name,
                                read_manifest, save_buffer_checkpoint)
+from ..core.seeding import derive_seed
 from .plugin import DistributedReplayPlugin
 
 TRAINING_FILE = "training.pt"
@@ -44,6 +52,39 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    if "cuda_seed" in state and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(state["cuda_seed"])
+
+
+_NEW_RANK_STREAMS = 0x4E455752  # derive_seed's domain for ranks with no saved state
+_TORCH, _PYTHON, _NUMPY, _CUDA = range(4)  # one stream per generator
+
+
+def _fresh_rng_state(rank0_state: dict, rank: int) -> dict:
+    """Generator states for a rank that did not exist when the checkpoint was saved.
+
+    ``rank0_state``: rank 0's saved states (its ``"torch"`` entry, a uint8 CPU tensor, is
+    hashed; nothing is modified). Returns states in :func:`_rng_state`'s form, except for
+    CUDA: ``"cuda_seed"``, an int that :func:`_set_rng_state` hands to
+    ``torch.cuda.manual_seed_all`` (lazily: it creates no CUDA context). Each generator is
+    seeded with ``derive_seed(digest, rank, generator)``: a function of the checkpoint and
+    ``rank`` alone, different for every rank and generator. The caller's generators are
+    left as they were.
+    """
+    torch_state = rank0_state.get("torch") if isinstance(rank0_state, dict) else None
+    if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8:
+        raise CheckpointError("rank 0's generator state holds no torch state to derive "
+                              f"rank {rank}'s from")
+    data = torch_state.detach().to("cpu").contiguous().numpy().tobytes()
+    digest = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+    def seed(generator: int) -> int:
+        return derive_seed(digest, rank, _NEW_RANK_STREAMS, generator)
+
+    return {"torch": torch.Generator().manual_seed(seed(_TORCH)).get_state(),
+            "python": random.Random(seed(_PYTHON)).getstate(),
+            "numpy": np.random.RandomState(seed(_NUMPY) % 2 ** 32).get_state(),
+            "cuda_seed": seed(_CUDA)}
 
 
 def _load(file: str):
@@ -79,15 +120,21 @@ def load_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     """Collective. Restore what :func:`save_training_checkpoint` saved; return its ``extra``.
 
     The number of ranks may differ from the saving run: the buffer is rebalanced (see
-    :func:`~avalanche_distributed_rehearsal.core.checkpoint.load_buffer_checkpoint`), and
-    a rank with no saved generator state of its own takes rank 0's. Raises
-    :class:`CheckpointError` before changing anything when a file is missing or unreadable.
+    :func:`~avalanche_distributed_rehearsal.core.checkpoint.load_buffer_checkpoint`). A
+    rank that saved gets its own generator states (torch, CUDA, Python, NumPy) back; a
+    rank that did not exist then gets fresh states seeded from ``derive_seed`` of a digest
+    of rank 0's saved torch state and its own rank: different on every rank (no two ranks
+    share dropout, augmentation or shuffling streams), the same every time this checkpoint
+    is loaded. Raises :class:`CheckpointError` before changing anything when a file is
+    missing or unreadable.
     """
     directory, manifest = read_manifest(path)
     training = _load(os.path.join(directory, TRAINING_FILE))
     rank = plugin._ensure_pipeline(strategy).buffer.rank
-    rng_rank = rank if rank < manifest["world_size"] else 0
-    rng = _load(os.path.join(directory, rank_file_name(RNG, rng_rank)))
+    if rank < manifest["world_size"]:
+        rng = _load(os.path.join(directory, rank_file_name(RNG, rank)))
+    else:
+        rng = _fresh_rng_state(_load(os.path.join(directory, rank_file_name(RNG, 0))), rank)
     pipeline = plugin.pipeline
     pipeline.invalidate()
     load_buffer_checkpoint(pipeline.buffer, directory)

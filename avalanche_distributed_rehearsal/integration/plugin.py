@@ -59,6 +59,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     follows; ``storage_policy.core``, ``storage_policy.buffer``, the metrics and the
     checkpoints wait for it. Call :meth:`close` (or let the plugin be garbage-collected)
     to stop the worker.
+
+    Pickling (``pickle``, ``copy.deepcopy``, Avalanche's ``save_checkpoint``) keeps the
+    settings, :meth:`state_dict` without the shard (step counter, excluded and seen
+    classes) and the storage policy, which carries the shard (see
+    :class:`DistributedRehearsalBuffer`): no worker thread, process group or CUDA stream,
+    and no collective, so under torchrun each rank saves its own file (e.g.
+    ``f"ckpt-{rank}.pkl"``) and loads it on the same rank of the same number of ranks.
+    The unpickled plugin applies that state at its first training step, like
+    :meth:`load_state_dict` before the first step; a plugin referenced from several
+    places (its ``storage_policy`` too) stays one object within one pickle. A closed
+    plugin pickles too.
     """
 
     def __init__(self, mem_size: int = 2000, batch_size_mem: Optional[int] = None,
@@ -154,15 +165,41 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         ``buffer``: this rank's shard (rows, class quotas, reservoir counters and RNG; see
         ``ShardedRehearsalBuffer.state_dict``), None before the first training step or
         with ``include_buffer=False``; ``pipeline``: the step counter and excluded
-        classes; ``seen_classes``: classes of the experiences trained so far. Loading it
-        needs the same world size and configuration; to resume on another number of ranks,
-        use :func:`~avalanche_distributed_rehearsal.integration.checkpoint.save_training_checkpoint`.
+        classes; ``seen_classes``: classes of the experiences trained so far. A state
+        loaded (or unpickled) but not applied yet, or kept by :meth:`close`, is reported
+        as it will be applied. Loading it needs the same world size and configuration; to
+        resume on another number of ranks, use
+        :func:`~avalanche_distributed_rehearsal.integration.checkpoint.save_training_checkpoint`.
         """
-        pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
-        buffer = None
-        if include_buffer and self.storage_policy.core is not None:
+        state = self._counters()
+        buffer = state["buffer"] if include_buffer else None
+        if include_buffer and buffer is None and self.storage_policy._has_shard():
             buffer = self.storage_policy.state_dict()
-        return {"buffer": buffer, "pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+        return {"buffer": buffer, "pipeline": dict(state["pipeline"]),
+                "seen_classes": list(state["seen_classes"])}
+
+    def _counters(self) -> dict:
+        """The state to resume from, the shard left out unless a pending state holds one."""
+        if self.pipeline is None and self._pending_state is not None:
+            return self._pending_state
+        pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
+        return {"buffer": None, "pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+
+    def __getstate__(self) -> dict:
+        """Settings, the storage policy and :meth:`state_dict` less the shard, pending.
+
+        Waits for the background job in flight (at most ``timeout``; re-raises its error);
+        no collective.
+        """
+        state = self.__dict__.copy()
+        if self.pipeline is not None:
+            state["_pending_state"] = self._counters()  # applied at the first step
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if not isinstance(state, dict) or "storage_policy" not in state:
+            raise ValueError("not a pickled DistributedReplayPlugin state")
+        self.__dict__.update(state)
 
     def load_state_dict(self, state: dict, strategy: Optional["SupervisedTemplate"] = None) -> None:
         """Restore :meth:`state_dict`'s output (collective when it holds a shard).
@@ -191,8 +228,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.seen_classes = set(seen)
 
     def close(self) -> None:
-        """Stop the background worker and release the buffer's process group."""
+        """Stop the background worker and release the buffer's process group. Idempotent.
+
+        The step counter and the excluded and seen classes are kept: :meth:`state_dict`
+        and pickling still report them. If waiting for the job in flight fails, the error
+        is raised and nothing is kept.
+        """
+        pipeline = self.pipeline
         self.storage_policy.close()
+        if pipeline is not None and self._pending_state is None:
+            self._pending_state = {"buffer": None, "pipeline": pipeline.state_dict(),
+                                   "seen_classes": sorted(self.seen_classes)}
 
 
 def step_context(strategy) -> StepContext:

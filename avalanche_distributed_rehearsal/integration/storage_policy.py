@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..core import RehearsalPipeline, ShardedRehearsalBuffer, split_budget
 from ..core.buffer import INPUT, LABEL, TASK
+from ..core.layout import RecordLayout
 from ..core.sampling import SAMPLING_MODES
 from ..core.validation import NONFINITE_POLICIES, check_choice, check_int
 
@@ -61,6 +62,17 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
 
     Creating the shard is collective under ``torch.distributed`` (it creates a process
     group): it happens on every rank at the first update or training step.
+
+    Pickling (``pickle``, ``copy.deepcopy``, Avalanche's ``save_checkpoint``) keeps the
+    settings and this rank's shard as :meth:`state_dict` gives it: CPU tensors and plain
+    data, never the core buffer, its storage views, the worker thread, the process group
+    or CUDA streams. It waits for the background job in flight but runs no collective, so
+    each rank pickles on its own: under torchrun every rank must save to its own file
+    (e.g. ``f"ckpt-{rank}.pkl"``) and load it on the same rank of the same number of
+    ranks (to change that number, use
+    :func:`~avalanche_distributed_rehearsal.integration.checkpoint.save_training_checkpoint`).
+    The unpickled buffer holds the shard (:attr:`buffer`, :meth:`local_size` and
+    :meth:`state_dict` read it) and loads it when the core shard is created.
     """
 
     def __init__(self, max_size: int = 2000, sampling: str = "uniform", seed: int = 0,
@@ -85,6 +97,8 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         self.config: dict = {}
         self._core: Optional[ShardedRehearsalBuffer] = None
         self.pipeline: Optional[RehearsalPipeline] = None
+        # An unpickled shard state, loaded into the core when it is created.
+        self._pending_shard: Optional[dict] = None
 
     @property
     def core(self) -> Optional[ShardedRehearsalBuffer]:
@@ -100,12 +114,28 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
 
     # ------------------------------------------------------------------ lifecycle
     def materialize(self, default_device: torch.device | str = "cpu") -> ShardedRehearsalBuffer:
-        """Create the core shard if needed (collective under torch.distributed) and return it."""
+        """Create the core shard if needed (collective under torch.distributed) and return it.
+
+        An unpickled buffer loads the shard it holds into the new core. That shard must
+        come from the same rank of the same number of ranks: otherwise ``ValueError``,
+        raised before anything is created.
+        """
         if self._core is None:
+            pending = self._pending_shard
+            if pending is not None:
+                _check_same_rank(pending)
             device = self.device if self.device is not None else torch.device(default_device)
-            self._core = ShardedRehearsalBuffer(
+            core = ShardedRehearsalBuffer(
                 self.max_size, sampling=self.sampling, seed=self.seed, device=device,
                 nonfinite=self.nonfinite, timeout=self.timeout, config=self.config)
+            if pending is not None:
+                try:
+                    core.load_state_dict(pending)
+                except BaseException:
+                    core.close()
+                    raise
+                self._pending_shard = None
+            self._core = core
         return self._core
 
     def _idle(self) -> Optional[ShardedRehearsalBuffer]:
@@ -127,10 +157,13 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     def buffer(self):
         """This rank's shard as an AvalancheDataset of ``(x, y, t)`` (a snapshot copy)."""
         core = self._idle()
-        if core is None or len(core) == 0:
+        if core is None and self._pending_shard is not None:
+            fields = _shard_fields(self._pending_shard)
+        else:
+            fields = core.local_tensors() if core is not None and len(core) else {}
+        if not fields:
             return _make_taskaware_tensor_classification_dataset(
                 torch.zeros(0), torch.zeros(0, dtype=torch.long), task_labels=[], targets=[])
-        fields = core.local_tensors()
         x = fields[INPUT].to("cpu", copy=True)
         y = fields[LABEL].to("cpu", copy=True)
         t = fields[TASK].to("cpu", copy=True)
@@ -179,6 +212,11 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     def resize(self, strategy, new_size: int) -> None:
         """Change the global budget to ``new_size``; shrinking evicts class-balanced."""
         check_int("new_size", new_size, 1)
+        if self._core is None and self._pending_shard is not None:
+            _, world = _world()
+            if new_size < world:
+                raise ValueError(f"new_size ({new_size}) must be at least the world size ({world})")
+            self.materialize(getattr(strategy, "device", None) or "cpu")  # the shard it holds
         core = self._idle()
         if core is not None:
             core.resize(new_size)
@@ -192,11 +230,43 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """This rank's shard state (see ``ShardedRehearsalBuffer.state_dict``)."""
+        """This rank's shard state (see ``ShardedRehearsalBuffer.state_dict``): CPU tensors
+        (``rows``: ``(n, row_bytes)`` uint8, a copy the caller owns) and plain data.
+
+        An unpickled buffer whose core is not created yet returns the shard it holds (the
+        dict it will load, not a copy). Raises ``RuntimeError`` when there is no shard.
+        """
         core = self._idle()
         if core is None:
+            if self._pending_shard is not None:
+                return self._pending_shard
             raise RuntimeError("the buffer is not created yet (no update or training step ran)")
         return core.state_dict()
+
+    def _has_shard(self) -> bool:
+        """Whether :meth:`state_dict` has a shard to give (never waits)."""
+        return self._core is not None or self._pending_shard is not None
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        """Settings plus this rank's shard as plain data (see the class docstring).
+
+        Waits for the background job in flight (at most ``timeout``; re-raises its error);
+        no collective.
+        """
+        state = self.__dict__.copy()
+        core = self._idle()
+        if core is not None:
+            state["_pending_shard"] = core.state_dict()
+            state["config"] = dict(core.config)  # what the shard was created with
+        state["_core"] = None
+        state["pipeline"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if not isinstance(state, dict) or "_pending_shard" not in state or "max_size" not in state:
+            raise ValueError("not a pickled DistributedRehearsalBuffer state")
+        self.__dict__.update(state)
 
     def load_state_dict(self, state: dict, default_device="cpu") -> None:
         """Restore this rank's shard (same world size); see ``load_buffer_checkpoint`` for elastic loads."""
@@ -208,9 +278,31 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
 
     # ------------------------------------------------------------------ introspection
     def local_size(self) -> int:
+        """Samples stored on this rank (held, for an unpickled buffer not created yet)."""
         core = self._idle()
-        return 0 if core is None else len(core)
+        if core is None:
+            return 0 if self._pending_shard is None else int(self._pending_shard["rows"].shape[0])
+        return len(core)
 
     def local_capacity(self) -> int:
         rank, world = _world() if self._core is None else (self._core.rank, self._core.world_size)
         return split_budget(self.max_size, world, rank)
+
+
+def _check_same_rank(state: dict) -> None:
+    """Raise ``ValueError`` unless ``state`` (a shard state) was saved on this rank and world."""
+    rank, world = _world()
+    saved = (state.get("rank"), state.get("world_size"))
+    if saved != (rank, world):
+        raise ValueError(
+            f"this buffer's shard was pickled on rank {saved[0]} of {saved[1]} and cannot be "
+            f"loaded on rank {rank} of {world}: under torchrun every rank must pickle to, and "
+            "load from, its own file (e.g. f'ckpt-{rank}.pkl') on the same number of ranks; "
+            "use save_training_checkpoint/load_training_checkpoint to change that number")
+
+
+def _shard_fields(state: dict) -> dict:
+    """``input``/``label``/``task`` views of a shard state's ``rows`` ({} when empty)."""
+    if not state.get("layout") or not state["rows"].shape[0]:
+        return {}
+    return RecordLayout.from_description(state["layout"]).unpack(state["rows"])
