@@ -21,7 +21,9 @@ from typing import Dict, List
 
 import torch
 
-from . import launch, report
+from avalanche_distributed_rehearsal.app import launch
+
+from . import report
 
 SIZES_224 = "3x224x224"
 SIZES_32 = "3x32x32"

@@ -31,6 +31,7 @@ ROW_BYTES = 64 * 4 + 8 + 8  # digits sample: 64 float32 + int64 label + int64 ta
     (["--momentum", "1"], "--momentum"),
     (["--sampling", "greedy"], "--sampling"),
     (["--bogus"], "unrecognized arguments"),
+    (["--backend", "cuda:magic"], "--backend"),
     (["--n-experiences", "3"], "--n-experiences"),  # needs the data: checked at run time
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
@@ -123,3 +124,29 @@ def test_default_main_job_on_two_ranks_with_torchrun(tmp_path):
     assert acc["ours"] >= acc["incremental"] + 0.50
     assert acc["ours"] >= acc["stock_replay"] - 0.02
     assert acc["from_scratch"] >= acc["ours"] - 0.01
+
+
+def _torchrun_main(tmp_path, name, *args):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+           "-m", "avalanche_distributed_rehearsal", "--output-dir", str(out), "--no-progress",
+           "--no-plots", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.timeout(300)
+def test_main_job_when_the_default_group_refuses_cpu_tensors(tmp_path):
+    """`--backend cuda:gloo` makes the run's default group serve CUDA tensors only, as NCCL
+    does: the model, DDP, evaluation and the buffer must use a group that serves their
+    device. Same numbers as over plain gloo."""
+    args = ("--epochs", "2", "--methods", "incremental,stock_replay,ours")
+    simulated = _torchrun_main(tmp_path, "cuda-gloo", "--backend", "cuda:gloo", *args)
+    plain = _torchrun_main(tmp_path, "gloo", "--backend", "gloo", *args)
+    for name in ("incremental", "stock_replay", "ours"):
+        assert (simulated["methods"][name]["accuracy_matrix"]
+                == plain["methods"][name]["accuracy_matrix"])
+    assert simulated["config"]["backend"] == "cuda:gloo"

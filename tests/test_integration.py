@@ -241,6 +241,21 @@ def test_minibatches_with_extra_fields_are_rejected(bench):
     plugin.close()
 
 
+def test_dictionary_samples_are_refused_before_training_starts():
+    from types import SimpleNamespace
+
+    samples = [{"x": torch.zeros(3), "y": 1}] * 4
+    exp = SimpleNamespace(dataset=samples, classes_in_this_experience=[1])
+    plugin = DistributedReplayPlugin(mem_size=8)
+    with pytest.raises(ValueError, match="dictionaries"):
+        plugin.before_training_exp(SimpleNamespace(experience=exp, train_mb_size=2))
+    assert plugin.pipeline is None and plugin.storage_policy.core is None
+    policy = DistributedRehearsalBuffer(8)
+    with pytest.raises(ValueError, match="dictionaries"):
+        policy.post_adapt(SimpleNamespace(device="cpu"), exp)
+    assert policy.core is None
+
+
 def run_e2e(tmp_path, nproc, *extra):
     out = tmp_path / f"out{nproc}{''.join(extra)}"
     script = os.path.join(HERE, "..", "examples", "digits_replay.py")

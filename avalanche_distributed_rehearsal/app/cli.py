@@ -49,6 +49,7 @@ class Config:
     progress: bool = True
     plots: bool = True
     threads: Optional[int] = None
+    backend: str = "auto"
 
     @property
     def replay_mb(self) -> int:
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=str, default=str(d.momentum), help="SGD momentum (default 0.9)")
     g.add_argument("--seed", type=str, default=str(d.seed), help="seed of everything (default 0)")
     g.add_argument("--threads", type=str, default=None, help="torch threads per rank (default: cores / local ranks)")
+    g.add_argument("--backend", default=d.backend, help="torch.distributed backend of the run's process group under torchrun: auto (default: cpu:gloo,cuda:nccl with GPUs, gloo without), gloo, nccl, or device:backend pairs such as cuda:gloo (which, on CPU, refuses CPU tensors as NCCL does)")
     g = p.add_argument_group("methods and buffer")
     g.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: global buffer budget, the same for both replay methods (default 200)")
@@ -130,6 +132,23 @@ def _shape(text: str) -> Tuple[int, ...]:
     return tuple(_int("--synthetic-shape", s, 1) for s in parts)
 
 
+_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _backend(text: str) -> str:
+    text = str(text).strip()
+    if text == "auto" or text in _BACKENDS:
+        return text
+    pairs = [p.strip() for p in text.split(",")]
+    ok = pairs and all(p.count(":") == 1 and p.split(":")[0] in _DEVICE_TYPES
+                       and p.split(":")[1] in _BACKENDS for p in pairs)
+    if not ok:
+        raise UsageError(f"--backend must be auto, one of {', '.join(_BACKENDS)}, or "
+                         f"device:backend pairs like cpu:gloo,cuda:nccl, got {text!r}")
+    return text
+
+
 def _methods(text: str) -> Tuple[str, ...]:
     if text.strip() == "all":
         return METHODS
@@ -170,6 +189,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         progress=not a.no_progress,
         plots=not a.no_plots,
         threads=None if a.threads is None else _int("--threads", a.threads, 1),
+        backend=_backend(a.backend),
     )
     if cfg.momentum >= 1:
         raise UsageError(f"--momentum must be smaller than 1, got {cfg.momentum}")

@@ -20,19 +20,21 @@ def _dist():
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test_stream, device: torch.device, batch_size: int = 512) -> List[float]:
+def evaluate(model: nn.Module, test_stream, device: torch.device, batch_size: int = 512,
+             group=None) -> List[float]:
     """Accuracy of ``model`` on every experience of ``test_stream``: a list of floats.
 
     Under torch.distributed each rank classifies the samples ``rank, rank + world, ...``
-    and one ``all_reduce`` of a ``(2 n,)`` int64 tensor of correct/total counts combines
-    them, so every rank must call it and every rank gets the same list.
+    and one ``all_reduce`` of a ``(2 n,)`` int64 tensor of correct/total counts, on
+    ``device``, over ``group`` (which must serve that device; default the default group)
+    combines them, so every rank must call it and every rank gets the same list.
     """
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     model = getattr(model, "module", model)  # DDP -> the local replica, no collectives
     was_training = model.training
     model.eval()
-    counts = torch.zeros(2 * len(test_stream), dtype=torch.int64)
+    counts = [0] * (2 * len(test_stream))
     for j, exp in enumerate(test_stream):
         ds = exp.dataset.eval()
         loader = DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=batch_size,
@@ -41,10 +43,12 @@ def evaluate(model: nn.Module, test_stream, device: torch.device, batch_size: in
             x, y = batch[0].to(device), batch[1].to(device)
             counts[2 * j] += int((model(x).argmax(1) == y).sum())
             counts[2 * j + 1] += len(y)
+    totals = torch.tensor(counts, dtype=torch.int64, device=device)
     if dist and world > 1:
-        dist.all_reduce(counts)
+        dist.all_reduce(totals, group=group)
     model.train(was_training)
-    return [float(c) / max(1, int(t)) for c, t in zip(counts[0::2].tolist(), counts[1::2].tolist())]
+    totals = totals.tolist()
+    return [float(c) / max(1, int(t)) for c, t in zip(totals[0::2], totals[1::2])]
 
 
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:

@@ -25,16 +25,22 @@ def _dist():
     return dist
 
 
-def setup_world() -> Tuple[int, int, int, torch.device, bool]:
+def setup_world(backend: str = "auto") -> Tuple[int, int, int, torch.device, bool]:
     """``(rank, world, local_world, device, created)``: joins torchrun's process group if
-    launched by torchrun (``WORLD_SIZE > 1``) and none exists yet (``created`` is then True)."""
+    launched by torchrun (``WORLD_SIZE > 1``) and none exists yet (``created`` is then True).
+
+    ``backend="auto"``: ``"cpu:gloo,cuda:nccl"`` with GPUs (NCCL for the model, gloo for
+    CPU tensors), ``"gloo"`` without.
+    """
     dist = _dist()
     created = False
     cuda = torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:  # ranks beyond the GPUs share them (e.g. two ranks on one GPU over gloo)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        if backend == "auto":
+            backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        dist.init_process_group(backend)
         created = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -45,12 +51,28 @@ def setup_world() -> Tuple[int, int, int, torch.device, bool]:
     return rank, world, local_world, device, created
 
 
-def _reduce_max(values, world: int):
+def group_for(device: torch.device):
+    """Collective when it creates a group. A process group that serves tensors of
+    ``device``: the default group when its backend does (gloo, ``cpu:gloo,cuda:nccl``,
+    NCCL for CUDA), else a new gloo group (e.g. a CPU model beside a default group that
+    serves CUDA only). Every collective of the main job runs on it, with tensors on
+    ``device``. None without a process group."""
+    from ..core import serves
+
+    dist = _dist()
+    if not dist.is_initialized():
+        return None
+    if serves(None, device.type):
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def _reduce_max(values, ctx_group, device: torch.device, world: int):
     if world == 1:
         return list(values)
     dist = _dist()
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx_group)
     return t.tolist()
 
 
@@ -86,10 +108,11 @@ def run(cfg: Config) -> Dict[str, object]:
     # non-main rank once the process group exists: import it before joining the group.
     import avalanche.training  # noqa: F401
 
-    rank, world, local_world, device, created = setup_world()
+    rank, world, local_world, device, created = setup_world(cfg.backend)
     try:
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
-        barrier = _dist().barrier if world > 1 else None
+        group = group_for(device)
+        barrier = (lambda: _dist().barrier(group=group)) if world > 1 else None
         train, test, n_classes = load_data(cfg, rank, barrier)
         check_against_world(cfg, n_classes, world)
         benchmark = make_benchmark(train, test, n_classes, cfg.n_experiences, cfg.seed)
@@ -112,12 +135,13 @@ def run(cfg: Config) -> Dict[str, object]:
         if rank == 0 and "ours" in cfg.methods:
             log_file = open(os.path.join(cfg.output_dir, "ours_buffer_metrics.log"), "w")
         ctx = Context(cfg, benchmark, sample_shape, n_classes, world, rank, device,
-                      on_experience, log_file)
+                      on_experience, log_file, group)
         results: Dict[str, MethodResult] = {}
         try:
             for name in cfg.methods:
                 res = METHODS[name](ctx)
-                res.train_seconds, bytes_max = _reduce_max([res.train_seconds, res.buffer_bytes_per_rank], world)
+                res.train_seconds, bytes_max = _reduce_max(
+                    [res.train_seconds, res.buffer_bytes_per_rank], group, device, world)
                 res.buffer_bytes_per_rank = int(bytes_max)
                 results[name] = res
         finally:
@@ -131,7 +155,7 @@ def run(cfg: Config) -> Dict[str, object]:
                "n_experiences": cfg.n_experiences, "sample_shape": list(sample_shape),
                "train_samples": len(train), "test_samples": len(test),
                "methods": {n: summarise(r, inc) for n, r in results.items()}}
-        out["total_seconds"] = _reduce_max([time.perf_counter() - start], world)[0]
+        out["total_seconds"] = _reduce_max([time.perf_counter() - start], group, device, world)[0]
         if rank == 0:
             from .report import write_report
 

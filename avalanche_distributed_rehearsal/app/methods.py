@@ -55,14 +55,19 @@ class Context:
     device: torch.device
     on_experience: Callable[[str, int], None] = lambda method, exp: None
     log_file: Optional[io.TextIOBase] = None
+    group: object = None  # a process group serving `device` (see experiment.group_for)
 
 
 def _model(ctx: Context) -> nn.Module:
-    model = build_model(ctx.cfg.model, ctx.sample_shape, ctx.n_classes, ctx.cfg.hidden, ctx.cfg.seed)
+    """The network on ``ctx.device``; under torch.distributed wrapped in DDP (which
+    averages gradients over ranks) on a group that serves that device."""
+    model = build_model(ctx.cfg.model, ctx.sample_shape, ctx.n_classes, ctx.cfg.hidden,
+                        ctx.cfg.seed).to(ctx.device)
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model)  # averages gradients over ranks
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, process_group=ctx.group)
     return model
 
 
@@ -92,7 +97,7 @@ def _run_stream(ctx: Context, name: str, strategy, model) -> MethodResult:
         start = time.perf_counter()
         strategy.train(exp, eval_streams=[], num_workers=0)
         seconds += time.perf_counter() - start
-        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device))
+        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience(name, i)
     return MethodResult(name, matrix, seconds)
 
@@ -114,7 +119,7 @@ def from_scratch(ctx: Context) -> MethodResult:
         start = time.perf_counter()
         strategy.train(stream[: i + 1], eval_streams=[], num_workers=0)
         seconds += time.perf_counter() - start
-        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device))
+        matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience("from_scratch", i)
     return MethodResult("from_scratch", matrix, seconds)
 

@@ -66,6 +66,19 @@ def serves(group, device_type: str) -> bool:
     return device_type in served
 
 
+def backend_for(device_type: str, group=None) -> str:
+    """The backend ``group`` (default: the default group) uses for ``device_type``
+    tensors, e.g. ``"nccl"`` for ``"cuda"`` under ``"cpu:gloo,cuda:nccl"``."""
+    for part in dist.get_backend_config(group).split(","):
+        if ":" in part:
+            device, backend = (p.strip() for p in part.split(":", 1))
+            if device == device_type:
+                return backend
+        else:
+            return part.strip()
+    return "gloo"
+
+
 class LocalExchange:
     """World size 1: no process group, every collective is the identity."""
 
@@ -104,8 +117,12 @@ class ProcessGroupExchange:
         device: where the payload lives (the shard's device).
         timeout: seconds after which any collective fails instead of hanging; default
             the default group's timeout (:func:`process_group_timeout`).
-        payload_backend: backend of the payload group for a CUDA shard: ``"nccl"``
-            (default), or e.g. ``"cuda:gloo"`` (several ranks sharing one GPU, tests).
+        payload_backend: backend of the payload group. Default: the metadata group for
+            a CPU shard; for a CUDA shard, the backend the default group uses for CUDA
+            tensors (NCCL under ``"nccl"`` or ``"cpu:gloo,cuda:nccl"``, gloo under
+            ``"gloo"`` or ``"cuda:gloo"``, e.g. several ranks sharing one GPU). Given, the
+            payload gets a group of its own. Payload collectives on a group of their own
+            are launched from the training thread (:attr:`device_payload`).
 
     Creating the groups is itself collective: every rank of the default group must
     construct a ``ProcessGroupExchange`` at the same point of its program.
@@ -123,12 +140,13 @@ class ProcessGroupExchange:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.meta_group: Optional[dist.ProcessGroup] = dist.new_group(backend="gloo", timeout=delta)
-        if device.type == "cpu":
+        if device.type == "cpu" and payload_backend is None:
             self.backend = "gloo"
             self.payload_group = self.meta_group
+            #: True: payload collectives are launched by the training thread (see module doc)
             self.device_payload = False
         else:
-            self.backend = payload_backend or ("nccl" if dist.is_nccl_available() else "gloo")
+            self.backend = payload_backend or backend_for(device.type)
             self.payload_group = dist.new_group(backend=self.backend, timeout=delta)
             self.device_payload = True
 

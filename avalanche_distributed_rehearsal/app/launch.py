@@ -1,13 +1,14 @@
 """Run a function on N local ranks (spawned processes), one process group each.
 
-The benchmarks and the multi-rank tests (``tests/dist_harness.py``) share this launcher.
-World size 1 runs in a spawned process too (same isolation and thread settings as the
-others), by default without a process group, the way a laptop or a notebook runs the
-buffer.
+Application-layer tooling shared by the benchmarks, the study command and the
+multi-rank tests. World size 1 runs in a spawned process too (same isolation and thread
+settings as the others), by default without a process group, the way a laptop or a
+notebook runs the buffer.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import io
 import os
@@ -44,7 +45,8 @@ def _quiet_warnings() -> None:
     warnings.showwarning = quiet
 
 
-def _entry(rank, world, port, backend, threads, preimport, group_at_world_1, fn, args, results):
+def _entry(rank, world, port, backend, threads, preimport, group_at_world_1, group_timeout,
+           fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -57,7 +59,8 @@ def _entry(rank, world, port, backend, threads, preimport, group_at_world_1, fn,
         if world > 1 or group_at_world_1:
             if backend == "nccl":
                 torch.cuda.set_device(rank)
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            timeout = None if group_timeout is None else datetime.timedelta(seconds=group_timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         value = fn(rank, world, *args)
         buf = io.BytesIO()
         torch.save(value, buf)  # plain bytes: shared-memory tensors die with the rank
@@ -72,6 +75,7 @@ def _entry(rank, world, port, backend, threads, preimport, group_at_world_1, fn,
 def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
           threads: Optional[int] = None, timeout: float = 600.0,
           preimport: Sequence[str] = (), group_at_world_1: bool = False,
+          group_timeout: Optional[float] = None,
           may_die: Sequence[int] = (), fail_fast: bool = True,
           error: Type[Exception] = RuntimeError) -> List[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return results by rank.
@@ -80,6 +84,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
         fn: defined at module level (it is pickled by name).
         threads: intra-op threads per rank; default :func:`threads_per_rank`.
         preimport: modules imported before the process group is created.
+        group_timeout: seconds of the process group's timeout (default: torch's).
         group_at_world_1: create a process group even for one rank (default: none, the
             way a notebook runs the buffer).
         may_die: ranks that may exit without reporting; their result is None.
@@ -96,7 +101,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
     threads = threads if threads is not None else threads_per_rank(world)
     procs = [ctx.Process(target=_entry, daemon=True,
                          args=(r, world, port, backend, threads, tuple(preimport),
-                               group_at_world_1, fn, args, results))
+                               group_at_world_1, group_timeout, fn, args, results))
              for r in range(world)]
     for p in procs:
         p.start()

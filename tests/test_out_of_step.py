@@ -1,0 +1,95 @@
+"""Ranks out of step are detected at the next gather, on every rank, at once."""
+
+import time
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from sim_world import run_threads
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def drifting_step(rank, world, sim):
+    from avalanche_distributed_rehearsal.core import OutOfStepError, ShardedRehearsalBuffer
+
+    buf = ShardedRehearsalBuffer(20, seed=0, exchange=sim.exchange(rank))
+    buf.insert(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    buf.draw(2, 0)
+    before = {k: v.clone() for k, v in buf.local_tensors().items()}
+    try:
+        buf.draw(2, 3 + rank)  # rank 1 is one step ahead
+    except OutOfStepError as exc:
+        after = buf.local_tensors()
+        return str(exc), all(torch.equal(before[k], after[k]) for k in before)
+    return "no error", True
+
+
+def test_a_rank_one_step_ahead_fails_every_rank_naming_both_steps():
+    for message, unchanged in run_threads(drifting_step, 2):
+        assert "out of step" in message
+        assert "rank 0 at step 3" in message and "rank 1 at step 4" in message
+        assert unchanged
+
+
+def extra_collective(rank, world, sim):
+    from avalanche_distributed_rehearsal.core import (OutOfStepError, RehearsalPipeline,
+                                                      ShardedRehearsalBuffer)
+
+    buf = ShardedRehearsalBuffer(20, seed=0, exchange=sim.exchange(rank))
+    pipe = RehearsalPipeline(buf, 2, 4, async_mode=False)
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    pipe.augment(x, y)
+    if rank == 0:
+        pipe.invalidate()  # rank 0 alone drops its prepared draw: it will draw again
+    try:
+        for _ in range(3):
+            pipe.augment(x, y)
+    except OutOfStepError as exc:
+        return str(exc)
+    finally:
+        pipe.close()
+    return "no error"
+
+
+def test_a_rank_that_draws_twice_is_detected_by_the_sequence_number():
+    messages = run_threads(extra_collective, 2)
+    assert all("out of step" in m and "#" in m for m in messages), messages
+    assert messages[0] == messages[1]
+
+
+def unequal_batches(rank, world):
+    import warnings
+
+    from avalanche.training.supervised import Naive
+
+    from avalanche_distributed_rehearsal.app.data import load_digits, make_benchmark
+    from avalanche_distributed_rehearsal.integration import DistributedReplayPlugin
+
+    warnings.simplefilter("ignore")
+    train, test, n = load_digits(0)
+    bench = make_benchmark(train, test, n, 5, 0)
+    plugin = DistributedReplayPlugin(mem_size=100, batch_size_mem=8, replay_new_classes=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     train_mb_size=32 if rank == 0 else 16, train_epochs=1, plugins=[plugin],
+                     eval_every=-1)
+    start = time.monotonic()
+    try:
+        for exp in bench.train_stream:
+            strategy.train(exp, eval_streams=[], num_workers=0)
+    except RuntimeError as exc:
+        return str(exc), time.monotonic() - start
+    finally:
+        plugin.close()
+    return "finished without noticing", time.monotonic() - start
+
+
+def test_ranks_running_different_numbers_of_steps_fail_at_once():
+    # rank 0 uses mini-batches of 32, rank 1 of 16: rank 1 makes twice the steps
+    results = run_ranks(unequal_batches, 2, preimport=("avalanche.training",), timeout=200)
+    for message, seconds in results:
+        assert "out of step" in message, message
+        assert "iteration 0 of 5" in message and "iteration 0 of 9" in message, message
+        assert seconds < 60  # at the first gather, not after a timeout
