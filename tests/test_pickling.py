@@ -169,7 +169,7 @@ def checkpoint_per_rank(rank, world, directory):
     core = policy.core  # waits for the job train() leaves in flight (it runs collectives)
     out = {"same_shard": same, "rank": core.rank, "world": core.world_size,
            "counters": (loaded_counters == counters), "step": restored.pipeline.step,
-           "saved_step": counters["pipeline"]["step"], "global": int(core.gather_counts().sum()),
+           "saved_step": counters["pipeline"]["step"], "global": sum(core.global_counts().values()),
            "classes": sorted(restored.seen_classes)}
     restored.close()
     return out
