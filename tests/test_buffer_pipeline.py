@@ -103,7 +103,7 @@ def test_worker_exception_surfaces_at_next_step_with_traceback(monkeypatch):
     def broken_insert(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(buf, "insert", broken_insert)
+    monkeypatch.setattr(buf, "insert_record", broken_insert)
     pipe.augment(*batch(1))  # the job fails in the background
     with pytest.raises(RuntimeError, match="disk on fire") as info:
         pipe.augment(*batch(2))

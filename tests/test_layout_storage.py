@@ -16,7 +16,11 @@ def test_fields_are_aligned_and_rows_round_trip():
     rows = torch.zeros((4, layout.row_bytes), dtype=torch.uint8)
     x = torch.randint(0, 255, (4, 5), dtype=torch.uint8)
     y = torch.tensor([1, 2, 3, 4])
-    layout.pack({"input": x, "label": y, "task": torch.zeros(4, dtype=torch.int64)}, rows)
+    storage = ShardStorage(4, "cpu")
+    storage.allocate(layout)
+    storage.write_fields([0, 1, 2, 3], {"input": x, "label": y,
+                                        "task": torch.zeros(4, dtype=torch.int64)})
+    rows = storage.gather(torch.arange(4))
     out = layout.unpack(rows)
     assert torch.equal(out["input"], x) and torch.equal(out["label"], y)
 
@@ -49,21 +53,36 @@ def test_storage_is_lazily_shaped_and_preallocated():
         storage.allocate(make_layout((4,)))
 
 
-def test_storage_pins_cpu_memory_only_when_cuda_exists():
+def test_storage_is_not_pinned_by_default():
     storage = ShardStorage(4, "cpu")
-    assert storage.pin_memory == torch.cuda.is_available()
+    assert not storage.pin_memory
     storage.allocate(make_layout())
-    assert storage.rows.is_pinned() == torch.cuda.is_available()
+    assert not storage.rows.is_pinned()
+
+
+def test_write_fields_casts_to_the_storage_dtype():
+    layout = RecordLayout([("logits", (3,), torch.float16), ("x", (2,), torch.uint8)])
+    storage = ShardStorage(4, "cpu")
+    storage.allocate(layout)
+    logits = torch.tensor([[0.1, -2.5, 3.0], [1e-3, 7.0, -0.5]], dtype=torch.float32)
+    storage.write_fields([1, 0], {"logits": logits, "x": torch.tensor([[1, 2], [3, 4]])})
+    fields = storage.fields()
+    assert fields["logits"].dtype == torch.float16
+    assert torch.equal(fields["logits"][1], logits[0].half())
+    assert fields["x"].tolist() == [[3, 4], [1, 2]]
+    # a finite value beyond float16's range stays finite (clamped), never inf
+    storage.write_fields([2], {"logits": torch.tensor([[1e6, -1e6, 0.0]]), "x": torch.zeros(1, 2)})
+    assert storage.fields()["logits"][2].tolist() == [65504.0, -65504.0, 0.0]
 
 
 def test_storage_write_gather_and_resize():
     layout = make_layout((2,))
     storage = ShardStorage(5, "cpu")
     storage.allocate(layout)
-    records = torch.zeros((3, layout.row_bytes), dtype=torch.uint8)
-    layout.pack({"input": torch.arange(6.).view(3, 2), "label": torch.tensor([0, 1, 2]),
-                 "task": torch.zeros(3, dtype=torch.int64)}, records)
-    storage.write(torch.tensor([0, 1, 2]), records)
+    storage.write_fields([0, 1, 2], {"input": torch.arange(6.).view(3, 2),
+                                     "label": torch.tensor([0, 1, 2]),
+                                     "task": torch.zeros(3, dtype=torch.int64)})
+    records = storage.gather(torch.arange(3))
     assert storage.size == 3
     got = layout.unpack(storage.gather(torch.tensor([2, 0])))
     assert got["label"].tolist() == [2, 0]

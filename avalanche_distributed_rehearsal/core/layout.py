@@ -10,7 +10,7 @@ Packing the fields into one row means that gathering samples is a single
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -78,13 +78,6 @@ class RecordLayout:
     def from_description(cls, description: Sequence) -> "RecordLayout":
         return cls([(name, tuple(shape), getattr(torch, dtype))
                     for name, shape, dtype in description])
-
-    def pack(self, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-        """Write ``tensors[name]`` (shape ``(n, *field.shape)``) into ``out`` (``(n, row_bytes)`` uint8)."""
-        for name, spec in self.fields.items():
-            value = tensors[name]
-            view = self.field_view(out, name)
-            view.copy_(value.reshape(view.shape), non_blocking=True)
 
     def field_view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """A zero-copy view of field ``name`` inside ``rows`` (``(n, row_bytes)`` uint8).

@@ -203,3 +203,67 @@ def decode_table(gathered: torch.Tensor) -> ClassTable:
     stored[ranks_all, column] = counts_all
     seen[ranks_all, column] = True
     return ClassTable(labels, stored, seen)
+
+
+_WIDTH_STEP = 8  # message widths grow in steps of this many classes (fewer re-gathers)
+
+
+def local_table(counts: Sequence[Tuple[int, int]]) -> ClassTable:
+    """The table of one rank alone (world size 1): every listed class seen."""
+    labels = torch.tensor([c for c, _ in counts], dtype=torch.int64)
+    stored = torch.tensor([[n for _, n in counts]], dtype=torch.int64).view(1, -1)
+    return ClassTable(labels, stored, torch.ones_like(stored, dtype=torch.bool))
+
+
+class MetadataChannel:
+    """The per-step all-gather of every rank's header and per-class counts.
+
+    Owns the call sequence number and the agreed message width; the collectives go
+    through the buffer's exchange (its gloo metadata group). One all-gather per call in
+    the steady state; a second when some rank sees new classes (wider messages) or the
+    sample layout must be learnt from another rank (``adopt_layout``, itself collective).
+    """
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+        self.seq = 0
+        self.width = 0
+
+    def reset(self, width: int = 0) -> None:
+        """After a load, every rank restarts its sequence together."""
+        self.seq = 0
+        self.width = int(width)
+
+    def gather(self, kind: int, step: int, counts: Sequence[Tuple[int, int]], config: int,
+               layout_digest, excluded: int, context: StepContext, adopt_layout
+               ) -> Tuple[ClassTable, int, int]:
+        """Collective. ``(table, bytes sent, bytes received)``.
+
+        ``counts``: this rank's ``(label, stored)`` pairs, ascending labels.
+        ``layout_digest()``: this rank's layout digest (0: none yet). ``adopt_layout()``:
+        collective, called on every rank when some ranks have a layout and others not.
+        Raises :class:`OutOfStepError` or ``RuntimeError`` on every rank when the headers
+        disagree (see :func:`check_agreement`).
+        """
+        if self.exchange.world_size == 1:  # nothing to agree on: the table without checks
+            size = (HEADER + 2 * len(counts)) * 8  # what the rank "sends" itself
+            return local_table(counts), size, size
+        sent = received = 0
+        while True:
+            message = encode(kind, step, self.seq, config, layout_digest(), excluded, context,
+                             counts, self.width)
+            gathered = self.exchange.all_gather(message)
+            self.seq += 1
+            sent += message.numel() * 8
+            received += gathered.numel() * 8
+            heads = headers(gathered)
+            check_agreement(heads)
+            layouts = {h.layout for h in heads}
+            if 0 in layouts and len(layouts) > 1:  # every rank sees it: all take part
+                adopt_layout()
+                continue
+            need = needed_width(gathered)
+            if need > self.width:
+                self.width = -(-need // _WIDTH_STEP) * _WIDTH_STEP
+                continue
+            return decode_table(gathered), sent, received

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from .buffer import INPUT, LABEL, TASK, DrawRecord, PreparedDraw, ShardedRehearsalBuffer
+from .buffer import ShardedRehearsalBuffer
+from .draw import DrawRecord, PreparedDraw
 from .exchange import process_group_timeout
 from .metadata import StepContext
+from .records import INPUT, LABEL, TASK, as_record
 from .seeding import CANDIDATES, derive_seed
 from .validation import check_int
 from .worker import BackgroundWorker
@@ -24,17 +26,21 @@ Prepared = Tuple[DrawRecord, Optional[PreparedDraw], Optional[Representatives]]
 class RehearsalPipeline:
     """Drives a :class:`ShardedRehearsalBuffer` once per training step.
 
-    At step ``i`` (``i`` counts steps since construction, the same on every rank),
-    :meth:`augment` takes the batch ``x_i``:
+    Every step ``i`` (``i`` counts steps since construction, the same on every rank) is
+    two calls, in this order, on every rank:
 
-    1. gets the representatives ``R_i`` (prepared in the background during step
-       ``i - 1``, or now if none are pending);
-    2. picks ``c`` candidates of ``x_i`` at random and submits one job to the worker:
-       insert the candidates into the local shard, then prepare ``R_{i+1}``;
-    3. returns ``[x_i ; R_i]`` (``b + d`` rows, ``d = min(r, buffer size)``).
+    1. :meth:`take` returns the representatives ``R_i`` (prepared in the background during
+       step ``i - 1``, or now if none are pending): every stored field, on the batch's
+       device; the caller trains on ``[x_i ; R_i]``;
+    2. :meth:`offer` picks ``c`` rows of ``x_i`` at random (a record batch: any fields,
+       e.g. the model's outputs for them, so it may come after the forward pass) and
+       submits one job to the worker: insert those candidates into the local shard, then
+       prepare ``R_{i+1}``. ``offer(None)`` offers nothing but still prepares ``R_{i+1}``.
 
+    :meth:`augment` does both for the ``(inputs, labels, task_labels)`` convention and
+    returns the concatenated batch. x_i is trained exactly once, at step i (no lag).
     ``async_mode=False`` runs the job inline instead; for the same seed both modes produce
-    the same shards and the same augmented batches, bit for bit.
+    the same shards and the same batches, bit for bit.
 
     **Collective order.** Metadata (per-class counts, on a gloo group of the buffer's
     own) is gathered by the job, in the background. The payload of a CPU shard (gloo) is
@@ -43,13 +49,13 @@ class RehearsalPipeline:
     the worker thread launched it while the training thread launches DDP's gradient
     all-reduce, ranks could interleave them differently and deadlock. So for device
     payloads the job stops after planning and gathering the records to send, and the
-    training thread launches the all-to-all itself, here, at the start of
-    :meth:`augment`: on every rank, step ``i``'s buffer collective is launched before
-    step ``i``'s forward pass and after step ``i - 1``'s backward pass (whose DDP
-    all-reduces it therefore never overtakes), from one thread, in the same order.
+    training thread launches the all-to-all itself, in :meth:`take`: on every rank, step
+    ``i``'s buffer collective is launched before step ``i``'s forward pass and after step
+    ``i - 1``'s backward pass (whose DDP all-reduces it therefore never overtakes), from
+    one thread, in the same order.
 
     Classes in :attr:`excluded` (see :meth:`exclude`) are never drawn. After each
-    :meth:`augment`, :attr:`last_draw` describes the draw whose representatives that step
+    :meth:`take`, :attr:`last_draw` describes the draw whose representatives that step
     received (global per-class counts and this rank's traffic), :attr:`wait_seconds` the
     time the calling thread waited for them.
 
@@ -81,65 +87,107 @@ class RehearsalPipeline:
                                        if buffer.device.type == "cuda" else None)
         self._pending: Optional[Future] = None
         self._ready: Optional[Prepared] = None
+        self._taken = False  # take() ran for the current step; offer() must follow
         self.excluded: tuple = ()
         self.wait_seconds = 0.0
         self.last_representatives = 0
         self.last_draw: Optional[DrawRecord] = None
 
     # ------------------------------------------------------------------ the step
+    def take(self, device: torch.device, context: StepContext = StepContext()) -> Representatives:
+        """Step ``i``, part 1: the representatives ``R_i`` (every stored field, ``(d, ...)``,
+        on ``device``, in the storage dtypes; empty while nothing is eligible). New tensors:
+        the caller's. ``context``: this rank's position in training, checked against every
+        other rank's at each gather."""
+        if self.worker.closed:
+            raise RuntimeError("the rehearsal pipeline is closed")
+        if self._taken:
+            raise RuntimeError("take() was called twice for one step; call offer() in between")
+        device = torch.device(device)
+        if device.type == "cuda":
+            self.worker.use_device(device)  # a side stream, CPU shards included
+        reps = self._take(device, context)
+        self._taken = True
+        self._device = device
+        self.last_representatives = len(next(iter(reps.values()))) if reps else 0
+        return reps
+
+    def offer(self, record: Optional[Mapping[str, torch.Tensor]] = None,
+              context: StepContext = StepContext()) -> None:
+        """Step ``i``, part 2: offer ``c`` random rows of ``record`` (a record batch, see
+        :mod:`~.records`; None offers nothing) and prepare ``R_{i+1}`` in the background.
+
+        The candidate rows are copied before the call returns: the caller may reuse its
+        tensors freely. A malformed record raises before anything changes (the step can
+        be offered again)."""
+        if self.worker.closed:
+            raise RuntimeError("the rehearsal pipeline is closed")
+        if not self._taken:
+            raise RuntimeError("offer() must follow take() in every step")
+        if record is not None:
+            self.buffer.check_record(record)
+        candidates = self._candidates(record)
+        names = list(candidates)
+        job_step, excluded, device = self.step + 1, self.excluded, self._device
+        if self.async_mode:
+            self._pending = self.worker.submit(
+                lambda *values: self._job(dict(zip(names, values)), job_step, device, excluded,
+                                          context),
+                *candidates.values())
+        else:
+            self._ready = self._job(candidates, job_step, device, excluded, context)
+        self.step += 1
+        self._taken = False
+
     def augment(self, inputs: torch.Tensor, labels: torch.Tensor,
                 task_labels: Optional[torch.Tensor] = None, offer: bool = True,
                 context: StepContext = StepContext()
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(inputs', labels', task_labels')``: the batch followed by its representatives.
-
-        Every rank must call it once per training step, with the same ``context`` (its
-        position in training: checked against every other rank's at each gather).
-        ``inputs`` is ``(b, ...)``; the outputs have ``b + d`` rows, on ``inputs.device``,
-        in the batch's dtypes. ``offer=False`` offers no candidate this step (the batch
-        was offered before). Candidates are copied before the call returns work to the
-        worker; the caller may reuse its tensors freely.
+        """One whole step for ``(inputs, labels, task_labels)`` batches: :meth:`take`, then
+        :meth:`offer` of the batch (or of nothing, with ``offer=False``: the batch was
+        offered before). Returns ``(inputs', labels', task_labels')``, the batch followed
+        by its representatives: ``b + d`` rows on ``inputs.device``, in the batch's dtypes.
         """
-        if self.worker.closed:
-            raise RuntimeError("the rehearsal pipeline is closed")
-        self.buffer.check_insert(inputs, labels, task_labels)
-        if task_labels is None:
-            task_labels = torch.zeros_like(labels)
-        if inputs.is_cuda:
-            self.worker.use_device(inputs.device)  # a side stream, CPU shards included
-        reps = self._take(inputs.device, context)
-        cand_x, cand_y, cand_t = self._candidates(inputs, labels, task_labels,
-                                                  self.num_candidates if offer else 0)
-        job_step, excluded = self.step + 1, self.excluded
-        if self.async_mode:
-            self._pending = self.worker.submit(
-                lambda x, y, t: self._job(x, y, t, job_step, inputs.device, excluded, context),
-                cand_x, cand_y, cand_t)
-        else:
-            self._ready = self._job(cand_x, cand_y, cand_t, job_step, inputs.device, excluded,
-                                    context)
-        self.step += 1
-        self.last_representatives = len(reps[LABEL]) if reps else 0
+        record = as_record(inputs, labels, task_labels)
+        self.buffer.check_record(record)  # before anything changes
+        task_labels = record.get(TASK, task_labels)
+        if task_labels is None:  # targets that are not class labels, no task labels
+            task_labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device)
+        reps = self.take(inputs.device, context)
+        self.offer(record if offer else None, context)
         if not reps:
             return inputs, labels, task_labels
+        d = reps[INPUT].shape[0]
+        rep_tasks = reps.get(TASK, task_labels.new_zeros(d))
         return (torch.cat([inputs, reps[INPUT].to(inputs.dtype)]),
                 torch.cat([labels, reps[LABEL].to(labels.dtype)]),
-                torch.cat([task_labels, reps[TASK].to(task_labels.dtype)]))
+                torch.cat([task_labels, rep_tasks.to(task_labels.dtype)]))
 
-    def _candidates(self, inputs, labels, task_labels, num_candidates: int):
-        b = inputs.shape[0]
-        c = min(num_candidates, b)
+    def _candidates(self, record: Optional[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """``c`` rows of ``record`` picked at random (per rank and step), copied."""
+        if record is None:
+            return {}
+        b = next(iter(record.values())).shape[0]
+        c = min(self.num_candidates, b)
+        if c == 0:
+            return {}
         gen = torch.Generator().manual_seed(
             derive_seed(self.seed, self.buffer.rank, self.step, CANDIDATES))
-        index = torch.randperm(b, generator=gen)[:c].to(inputs.device, non_blocking=True)
-        return inputs.index_select(0, index), labels.index_select(0, index), task_labels.index_select(0, index)
+        order = torch.randperm(b, generator=gen)[:c]
+        picked, on_device = {}, {}
+        for name, value in record.items():
+            index = on_device.get(value.device)
+            if index is None:
+                index = on_device[value.device] = order.to(value.device, non_blocking=True)
+            picked[name] = value.detach().index_select(0, index)
+        return picked
 
-    def _job(self, x, y, t, step: int, out_device, excluded: tuple,
+    def _job(self, candidates: Dict[str, torch.Tensor], step: int, out_device, excluded: tuple,
              context: StepContext) -> Prepared:
         """Insert the candidates, then prepare (and, unless the payload is a device
         collective, complete) the draw for ``step``."""
-        if x.shape[0]:
-            self.buffer.insert(x, y, t)
+        if candidates:
+            self.buffer.insert_record(candidates)
         return self._prepare(step, out_device, excluded, context)
 
     def _prepare(self, step: int, out_device, excluded: tuple, context: StepContext) -> Prepared:

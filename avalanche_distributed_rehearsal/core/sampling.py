@@ -373,3 +373,65 @@ def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> 
     owner = (ends_per_draw <= j.unsqueeze(-1)).sum(dim=-1)
     local = j - (ends - counts).t()[label, owner]
     return SamplingPlan(owner, local, label, d)
+
+
+# ---------------------------------------------------------------------- samplers
+class Sampler:
+    """A sampling policy: plans every rank's draws of a step from the all-gathered counts.
+
+    Subclasses set :attr:`name` and implement :meth:`plan`, a pure function of its
+    arguments (every rank calls it with the same ones and must get the same plan).
+    :attr:`exchanges` tells whether the plan moves records between ranks (False: every
+    rank serves its own draws, no payload collective).
+    """
+
+    name = "sampler"
+    exchanges = True
+
+    def plan(self, counts: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
+        """``counts``: ``(world, L)`` int64 CPU, eligible samples per class and rank;
+        ``r``: draws per requester; ``gen``: seeded by ``(seed, step)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class UniformSampler(Sampler):
+    """Every stored sample of the union equally likely (see :func:`plan_draws`)."""
+
+    name = "uniform"
+
+    def plan(self, counts, r, gen):
+        return plan_draws(counts, r, "uniform", gen)
+
+
+class ClassBalancedSampler(Sampler):
+    """Each draw: a class uniformly among those not exhausted, then one of its samples."""
+
+    name = "class_balanced"
+
+    def plan(self, counts, r, gen):
+        return plan_draws(counts, r, "class_balanced", gen)
+
+
+class LocalSampler(Sampler):
+    """Each rank draws from its own shard only: no exchange (the ablation baseline)."""
+
+    name = "local"
+    exchanges = False
+
+    def plan(self, counts, r, gen):
+        return plan_draws(counts, r, "local", gen)
+
+
+SAMPLERS = {cls.name: cls for cls in (UniformSampler, ClassBalancedSampler, LocalSampler)}
+
+
+def make_sampler(spec) -> Sampler:
+    """A :class:`Sampler` from its name (one of :data:`SAMPLING_MODES`) or itself."""
+    if isinstance(spec, Sampler):
+        return spec
+    if isinstance(spec, str) and spec in SAMPLERS:
+        return SAMPLERS[spec]()
+    raise ValueError(f"sampling must be one of {SAMPLING_MODES} or a Sampler, got {spec!r}")

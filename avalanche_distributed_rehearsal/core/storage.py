@@ -14,6 +14,16 @@ from .staging import PinnedStaging
 _ROW_COPY_BYTES = 64 * 1024
 
 
+def _fit_range(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` clamped to the finite range of a narrower floating storage ``dtype``, so
+    that a finite value (e.g. a logit above 65504 kept as float16) stays finite."""
+    if (dtype.is_floating_point and value.is_floating_point() and value.dtype != dtype
+            and torch.finfo(dtype).max < torch.finfo(value.dtype).max):
+        info = torch.finfo(dtype)
+        return value.clamp(info.min, info.max)
+    return value
+
+
 class ShardStorage:
     """A fixed-capacity table of records, one row per stored sample.
 
@@ -96,8 +106,9 @@ class ShardStorage:
                      rows: Optional[Sequence[int]] = None) -> None:
         """Store row ``rows[k]`` of every field tensor ``values[name]`` at slot ``slots[k]``.
 
-        ``values`` maps every field of the layout to a tensor of shape ``(n, *field.shape)``
-        and the field's dtype, on any device; ``rows`` defaults to ``0 .. n-1``. Each field
+        ``values`` maps every field of the layout to a tensor of shape ``(n, *field.shape)``,
+        on any device, of any dtype (cast to the field's storage dtype); ``rows`` defaults
+        to ``0 .. n-1``. Each field
         is copied straight into its column of the storage (no packed temporary). Slots
         follow the rules of :meth:`write`.
         """
@@ -117,7 +128,7 @@ class ShardStorage:
         picked = None
         columns = self.columns()
         for name, spec in self.layout.fields.items():
-            value = values[name]
+            value = _fit_range(values[name], spec.dtype)
             column = columns[name]
             if value.is_cuda and self.device.type == "cpu":
                 # Select on the GPU, then one copy into a pinned buffer (waited for in the
@@ -127,7 +138,8 @@ class ShardStorage:
                 else:
                     value = value.index_select(0, torch.tensor(rows, dtype=torch.int64,
                                                                device=value.device))
-                column.index_copy_(0, index, self.staging.to_host(f"write-{name}", value))
+                staged = self.staging.to_host(f"write-{name}", value)
+                column.index_copy_(0, index, staged.to(spec.dtype))
                 continue
             if not prefix and spec.nbytes >= _ROW_COPY_BYTES:
                 # Large samples, some rows kept: copy row by row, no gathered temporary.
@@ -140,7 +152,8 @@ class ShardStorage:
                 if picked is None or picked.device != value.device:
                     picked = torch.tensor(rows, dtype=torch.int64, device=value.device)
                 value = value.index_select(0, picked)
-            column.index_copy_(0, index, value.to(self.device, non_blocking=non_blocking))
+            column.index_copy_(0, index, value.to(self.device, dtype=spec.dtype,
+                                                  non_blocking=non_blocking))
         self.size = max(self.size, top)
 
     def gather(self, slots: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -10,9 +10,6 @@ from typing import Optional
 
 import torch
 
-_INT_DTYPES = tuple(d for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
-                                getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-                                getattr(torch, "uint64", None)) if d is not None)
 LABEL_MAX = 2 ** 63 - 1
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -31,30 +28,6 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_batch(inputs, labels, task_labels: Optional[torch.Tensor]) -> None:
-    """Structural checks of a batch; no value is read, so no device synchronisation.
-
-    Expected: ``inputs`` a tensor ``(n, *sample_shape)`` with ``n >= 1``; ``labels`` and
-    ``task_labels`` integer tensors of shape ``(n,)`` on any device.
-    """
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor of shape (n, ...), got {type(inputs).__name__}")
-    if inputs.dim() < 1 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty batch (n >= 1, ...), got shape {tuple(inputs.shape)}")
-    if inputs.dtype == torch.bool or inputs.is_complex():
-        raise TypeError(f"inputs dtype {inputs.dtype} is not supported (use a real or integer dtype)")
-    n = inputs.shape[0]
-    for name, t in (("labels", labels), ("task_labels", task_labels)):
-        if t is None and name == "task_labels":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be an integer torch.Tensor of shape ({n},), got {type(t).__name__}")
-        if t.dtype not in _INT_DTYPES:
-            raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"{name} must have shape ({n},) to match inputs, got {tuple(t.shape)}")
-
-
 def to_int64_cpu(name: str, values: torch.Tensor) -> torch.Tensor:
     """``values`` (any integer dtype, any device) as a CPU int64 tensor.
 
@@ -70,16 +43,17 @@ def to_int64_cpu(name: str, values: torch.Tensor) -> torch.Tensor:
     return values.to("cpu", torch.int64)
 
 
-def check_label_values(labels: torch.Tensor, task_labels: torch.Tensor) -> None:
-    """Value checks of CPU int64 tensors (reads them: call off the hot path).
+def check_label_values(labels: Optional[torch.Tensor], task_labels: Optional[torch.Tensor]) -> None:
+    """Value checks of CPU int64 tensors, either may be None (reads them: call off the
+    hot path).
 
     Labels may be any int64 >= 0 (sparse or huge labels cost nothing extra: the buffer's
     metadata grows with the classes present, not with the largest label).
     """
-    if labels.numel() and int(labels.min()) < 0:
+    if labels is not None and labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"labels must be non-negative class indices in [0, 2**63 - 1], got "
                          f"min {int(labels.min())}")
-    if task_labels.numel() and int(task_labels.min()) < 0:
+    if task_labels is not None and task_labels.numel() and int(task_labels.min()) < 0:
         raise ValueError(f"task_labels must be non-negative, got min {int(task_labels.min())}")
 
 
