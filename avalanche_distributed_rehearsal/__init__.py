@@ -1,8 +1,9 @@
 """A distributed rehearsal buffer for Avalanche: sharded storage, exact global sampling,
 buffer work hidden behind the model's compute.
 
-``DistributedReplayPlugin`` and ``DistributedRehearsalBuffer`` need Avalanche and are
-imported on first use, so ``import avalanche_distributed_rehearsal.core`` stays torch-only.
+``DistributedReplayPlugin``, ``DistributedRehearsalBuffer`` and ``DistributedDER`` need
+Avalanche and are imported on first use, so ``import avalanche_distributed_rehearsal.core``
+stays torch-only.
 """
 
 __version__ = "0.1.0"
@@ -10,9 +11,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "DistributedReplayPlugin": "avalanche_distributed_rehearsal.integration.plugin",
     "DistributedRehearsalBuffer": "avalanche_distributed_rehearsal.integration.storage_policy",
+    "DistributedDER": "avalanche_distributed_rehearsal.integration.der",
 }
 
-__all__ = ["DistributedReplayPlugin", "DistributedRehearsalBuffer", "__version__"]
+__all__ = ["DistributedDER", "DistributedReplayPlugin", "DistributedRehearsalBuffer",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from digits_replay import digits_benchmark
+from avalanche_distributed_rehearsal.app.data import digits_benchmark
 
 avalanche = pytest.importorskip("avalanche")
 from avalanche.core import SupervisedPlugin  # noqa: E402
@@ -229,31 +229,83 @@ def test_bad_plugin_arguments_are_rejected(kwargs, match):
         DistributedReplayPlugin(**kwargs)
 
 
-def test_minibatches_with_extra_fields_are_rejected(bench):
+def test_minibatch_entries_the_buffer_does_not_store_pass_through(bench):
+    seen = {}
+
     class ExtraField(SupervisedPlugin):
         def before_training_iteration(self, strategy, **kwargs):
-            strategy.mbatch = list(strategy.mbatch) + [torch.zeros(len(strategy.mb_x))]
+            strategy.mbatch = list(strategy.mbatch) + [torch.full((len(strategy.mb_x),), 7.0)]
 
-    plugin = DistributedReplayPlugin(mem_size=20)
+        def before_forward(self, strategy, **kwargs):
+            seen["rows"] = [len(v) for v in strategy.mbatch]
+
+    plugin = DistributedReplayPlugin(mem_size=20, batch_size_mem=4)
     strategy = make(Naive, [ExtraField(), plugin])
-    with pytest.raises(ValueError, match=r"\(x, y, task_label\)"):
-        strategy.train(bench.train_stream[0])
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
     plugin.close()
+    b = seen["rows"][3]
+    assert seen["rows"][:3] == [b + 4] * 3, "stored entries gain the representatives"
+    assert sorted(plugin.storage_policy.core.layout.fields) == ["input", "label", "task"]
 
 
-def test_dictionary_samples_are_refused_before_training_starts():
+class DictNaive(Naive):
+    """A strategy whose mini-batches are dictionaries (as custom Avalanche strategies use)."""
+
+    def _unpack_minibatch(self):
+        super()._unpack_minibatch()
+        x, y, t = self.mbatch
+        self.mbatch = {"pixels": x, "labels": y, "task_labels": t,
+                       "weight": torch.ones(len(y)), "note": "not a tensor"}
+
+    @property
+    def mb_x(self):
+        return self.mbatch["pixels"]
+
+    @property
+    def mb_y(self):
+        return self.mbatch["labels"]
+
+    @property
+    def mb_task_id(self):
+        return self.mbatch["task_labels"]
+
+
+@pytest.mark.parametrize("fields", [None, {"input": "pixels", "label": "labels",
+                                           "task": "task_labels"}])
+def test_dictionary_minibatches(bench, fields):
+    seen = {}
+
+    class Spy(SupervisedPlugin):
+        def before_forward(self, strategy, **kwargs):
+            seen["rows"] = {k: len(v) for k, v in strategy.mbatch.items()}
+
+    plugin = DistributedReplayPlugin(mem_size=30, batch_size_mem=5, fields=fields)
+    strategy = make(DictNaive, [plugin, Spy()])
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    plugin.close()
+    stored = set(plugin.storage_policy.core.layout.fields)
+    if fields is None:  # every per-sample tensor is stored, under its key (roles renamed)
+        assert stored == {"pixels", "label", "task", "weight"}
+        assert seen["rows"]["weight"] == seen["rows"]["pixels"]
+    else:  # the weight is not stored: it passes through with the stream's rows only
+        assert stored == {"input", "label", "task"}
+        assert seen["rows"]["weight"] == seen["rows"]["pixels"] - 5
+    assert seen["rows"]["labels"] == seen["rows"]["pixels"]
+    assert seen["rows"]["note"] == len("not a tensor")  # non-tensor entries untouched
+
+
+def test_post_adapt_inserts_dictionary_samples():
     from types import SimpleNamespace
 
-    samples = [{"x": torch.zeros(3), "y": 1}] * 4
-    exp = SimpleNamespace(dataset=samples, classes_in_this_experience=[1])
-    plugin = DistributedReplayPlugin(mem_size=8)
-    with pytest.raises(ValueError, match="dictionaries"):
-        plugin.before_training_exp(SimpleNamespace(experience=exp, train_mb_size=2))
-    assert plugin.pipeline is None and plugin.storage_policy.core is None
-    policy = DistributedRehearsalBuffer(8)
-    with pytest.raises(ValueError, match="dictionaries"):
-        policy.post_adapt(SimpleNamespace(device="cpu"), exp)
-    assert policy.core is None
+    samples = [{"x": torch.full((3,), float(i)), "label": i % 2} for i in range(10)]
+    policy = DistributedRehearsalBuffer(6)
+    policy.post_adapt(SimpleNamespace(device="cpu"), SimpleNamespace(dataset=samples))
+    core = policy.core
+    assert len(core) == 6 and set(core.layout.fields) == {"x", "label"}
+    assert core.class_counts() == {0: 3, 1: 3}
+    policy.close()
 
 
 def run_e2e(tmp_path, nproc, *extra):

@@ -1,8 +1,10 @@
 """Buffer state and cost as Avalanche metrics, so they reach every Avalanche logger.
 
-Each class below is a :class:`~avalanche.evaluation.PluginMetric`: put instances (or the
-list returned by :func:`buffer_metrics`) in an ``EvaluationPlugin`` and the values reach
-the interactive, text, CSV, TensorBoard or W&B loggers like accuracy does::
+Each class below is an Avalanche ``GenericPluginMetric`` over a standalone ``Metric`` (a
+latest value, a per-step mean or a per-step total), the way Avalanche's own timing
+metrics are built: put instances (or the list returned by :func:`buffer_metrics`) in an
+``EvaluationPlugin`` and the values reach the interactive, text, CSV, TensorBoard or W&B
+loggers like accuracy does::
 
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True),
                                  *buffer_metrics(every="experience"),
@@ -41,11 +43,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from avalanche.evaluation import PluginMetric
+from avalanche.evaluation import GenericPluginMetric, Metric, PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
 
-from ..core import DrawRecord, ShardedRehearsalBuffer
+from ..core import DrawRecord
 from ..core.validation import check_choice
 from .storage_policy import DistributedRehearsalBuffer
 
@@ -54,12 +56,12 @@ if TYPE_CHECKING:
 
 EVERY = ("iteration", "epoch", "experience")
 SCOPES = ("global", "local")
+_SUFFIX = {"iteration": "_MB", "epoch": "_Epoch", "experience": "_Exp"}
 
-__all__ = ["BufferSize", "BufferClassCounts", "RepresentativesPerStep", "WorkerWaitTime",
-           "ExchangedBytes", "buffer_metrics", "find_buffer"]
+__all__ = ["BufferSize", "BufferClassCounts", "BytesPerSample", "RepresentativesPerStep",
+           "WorkerWaitTime", "ExchangedBytes", "buffer_metrics", "find_buffer"]
 
 
-# ---------------------------------------------------------------------- helpers
 def find_buffer(strategy: "SupervisedTemplate") -> Optional[DistributedRehearsalBuffer]:
     """The first plugin ``storage_policy`` of the strategy that is a DistributedRehearsalBuffer."""
     for plugin in getattr(strategy, "plugins", []):
@@ -69,113 +71,134 @@ def find_buffer(strategy: "SupervisedTemplate") -> Optional[DistributedRehearsal
     return None
 
 
-class _BufferMetric(PluginMetric):
-    """Common plumbing: find the buffer, take values at the configured hook, emit them."""
+# ---------------------------------------------------------------------- standalone metrics
+class LatestValue(Metric):
+    """The last value given to :meth:`update` (a number or a dict), None after a reset."""
 
-    base_name = "Buffer"
-
-    def __init__(self, every: str = "experience",
-                 buffer: Optional[DistributedRehearsalBuffer] = None):
-        super().__init__()
-        check_choice("every", every, EVERY)
-        if buffer is not None and not isinstance(buffer, DistributedRehearsalBuffer):
-            raise TypeError("buffer must be a DistributedRehearsalBuffer or None, got "
-                            f"{type(buffer).__name__}")
-        self.every = every
-        self._fixed_buffer = buffer
+    def __init__(self):
         self._value = None
 
-    def __str__(self):
-        return self.base_name + self._suffix
+    def update(self, value) -> None:
+        self._value = value
 
-    @property
-    def _suffix(self) -> str:
-        """``_MB`` per step, ``_Epoch`` per epoch, ``_Exp`` per experience (Avalanche style)."""
-        return {"iteration": "_MB", "epoch": "_Epoch", "experience": "_Exp"}[self.every]
-
-    # -- state
     def result(self):
-        """The last emitted value (a number, or a ``{class: count}`` dict for class counts)."""
         return self._value
 
     def reset(self) -> None:
         self._value = None
 
-    # -- buffer access
+
+class PerStepSummary(Metric):
+    """Per-step values (dicts of numbers) summed over the steps since the last reset; the
+    result is the mean per step (``total=False``) or the sum, per key (None before any)."""
+
+    def __init__(self, total: bool = False):
+        self.total = total
+        self._sums: Dict[str, float] = {}
+        self._steps = 0
+
+    def update(self, values: Dict[str, float]) -> None:
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._steps += 1
+
+    def result(self):
+        if not self._steps:
+            return None
+        return {k: (v if self.total else v / self._steps) for k, v in self._sums.items()}
+
+    def reset(self) -> None:
+        self._sums, self._steps = {}, 0
+
+
+# ---------------------------------------------------------------------- plugin metrics
+class _BufferMetric(GenericPluginMetric):
+    """Common plumbing: find the buffer, read the draw of the period, name the values.
+
+    ``every`` is both the reset and the emit period (training only). Names are
+    ``<base_name>_<MB|Epoch|Exp>/<phase>/<stream>`` plus a per-value suffix.
+    """
+
+    base_name = "Buffer"
+
+    def __init__(self, metric: Metric, every: str = "experience",
+                 buffer: Optional[DistributedRehearsalBuffer] = None):
+        check_choice("every", every, EVERY)
+        if buffer is not None and not isinstance(buffer, DistributedRehearsalBuffer):
+            raise TypeError("buffer must be a DistributedRehearsalBuffer or None, got "
+                            f"{type(buffer).__name__}")
+        super().__init__(metric, reset_at=every, emit_at=every, mode="train")
+        self.every = every
+        self._fixed_buffer = buffer
+
+    def __str__(self):
+        return self.base_name + _SUFFIX[self.every]
+
     def _policy(self, strategy) -> Optional[DistributedRehearsalBuffer]:
         return self._fixed_buffer if self._fixed_buffer is not None else find_buffer(strategy)
 
-    def _core(self, strategy) -> Optional[ShardedRehearsalBuffer]:
-        policy = self._policy(strategy)
-        return None if policy is None else policy.core
-
-    def _record(self, strategy, phase: str) -> Optional[DrawRecord]:
-        """The draw whose view of the buffer the values describe (see module docstring):
-        after an experience the newest draw (every candidate inserted), otherwise the draw
-        of the step that just ran."""
+    def _record(self, strategy, newest: bool = False) -> Optional[DrawRecord]:
+        """The draw of the step that just ran, or (``newest``: after an experience, every
+        candidate inserted) the newest draw."""
         policy = self._policy(strategy)
         if policy is None or policy.pipeline is None:
             return None
-        if phase == "experience":
-            return policy.pipeline.newest_draw()
-        return policy.pipeline.last_draw
+        return policy.pipeline.newest_draw() if newest else policy.pipeline.last_draw
 
-    def _emit(self, strategy, value, suffix: str = "") -> MetricValue:
-        name = get_metric_name(self, strategy, add_task=False) + suffix
-        return MetricValue(self, name, value, strategy.clock.train_iterations)
+    def _package_result(self, strategy) -> Optional[List[MetricValue]]:
+        value = self.result()
+        if value is None:
+            return None
+        name = get_metric_name(self, strategy, add_task=False)
+        x = strategy.clock.train_iterations
+        if isinstance(value, dict):
+            return [MetricValue(self, name + str(k), v, x) for k, v in value.items()]
+        return [MetricValue(self, name, value, x)]
 
-    # -- hooks
-    def before_training_exp(self, strategy, **kwargs):
+
+class _SnapshotMetric(_BufferMetric):
+    """A state of the buffer (sizes, counts): the draw of the period's last step; after an
+    experience, the newest draw (every candidate of the experience inserted)."""
+
+    def __init__(self, every: str = "experience",
+                 buffer: Optional[DistributedRehearsalBuffer] = None):
+        super().__init__(LatestValue(), every, buffer)
+
+    def update(self, strategy) -> None:
+        value = self._value(strategy, newest=False)
+        if value is not None:
+            self._metric.update(value)
+
+    def after_training_exp(self, strategy):
         if self.every == "experience":
-            self._start_period()
+            value = self._value(strategy, newest=True)
+            if value is not None:
+                self._metric.update(value)
+        return super().after_training_exp(strategy)
 
-    def before_training_epoch(self, strategy, **kwargs):
-        if self.every == "epoch":
-            self._start_period()
-
-    def after_training_iteration(self, strategy, **kwargs):
-        if self.every == "iteration":
-            return self._take(strategy, "iteration")
-        self._accumulate(strategy)
-        return None
-
-    def after_training_epoch(self, strategy, **kwargs):
-        if self.every == "epoch":
-            return self._take(strategy, "epoch")
-        return None
-
-    def after_training_exp(self, strategy, **kwargs):
-        if self.every == "experience":
-            return self._take(strategy, "experience")
-        return None
-
-    # -- per metric
-    def _start_period(self) -> None:
-        pass
-
-    def _accumulate(self, strategy) -> None:
-        pass
-
-    def _take(self, strategy, phase: str):
+    def _value(self, strategy, newest: bool):
         raise NotImplementedError
 
 
-class _CountsMetric(_BufferMetric):
+class _CountsMetric(_SnapshotMetric):
     def __init__(self, scope: str = "global", every: str = "experience",
                  buffer: Optional[DistributedRehearsalBuffer] = None):
         check_choice("scope", scope, SCOPES)
-        super().__init__(every=every, buffer=buffer)
+        super().__init__(every, buffer)
         self.scope = scope
 
-    def _counts(self, strategy, phase: str) -> Optional[Dict[int, int]]:
+    @property
+    def base_name(self):
+        return f"Buffer_{self.scope.capitalize()}{self.stem}"
+
+    def _counts(self, strategy, newest: bool) -> Optional[Dict[int, int]]:
         """``{class: stored samples}`` for this metric's scope, or None before any storage."""
-        record = self._record(strategy, phase)
-        if record is not None:
-            rank = self._policy(strategy).rank
-            return record.class_counts(None if self.scope == "global" else rank)
-        core = self._core(strategy)
+        record = self._record(strategy, newest)
         policy = self._policy(strategy)
-        if core is None or policy is None or policy.pipeline is not None:
+        if record is not None:
+            return record.class_counts(None if self.scope == "global" else policy.rank)
+        core = policy.core if policy is not None else None
+        if core is None or policy.pipeline is not None:
             # no buffer yet, or a plugin-driven buffer with no finished draw: nothing sure
             return None
         if self.scope == "local":
@@ -183,80 +206,86 @@ class _CountsMetric(_BufferMetric):
         table = core.last_table  # gathered at the end of post_adapt
         return None if table is None else table.class_counts()
 
-    @property
-    def base_name(self):
-        return f"Buffer_{self.scope.capitalize()}{self.stem}"
-
-    def _take(self, strategy, phase):
-        counts = self._counts(strategy, phase)
-        return None if counts is None else self._values(strategy, counts)
-
 
 class BufferSize(_CountsMetric):
     """Samples stored in the buffer: ``scope="global"`` (all shards) or ``"local"`` (this rank).
 
-    Value: ``int``. Name: ``Buffer_GlobalSize_{MB,Exp}`` / ``Buffer_LocalSize_{MB,Exp}``.
+    Value: ``int``. Name: ``Buffer_GlobalSize_{MB,Epoch,Exp}`` / ``Buffer_LocalSize_...``.
     """
 
     stem = "Size"
 
-    def _values(self, strategy, counts):
-        self._value = int(sum(counts.values()))
-        return self._emit(strategy, self._value)
+    def _value(self, strategy, newest):
+        counts = self._counts(strategy, newest)
+        return None if counts is None else int(sum(counts.values()))
 
 
 class BufferClassCounts(_CountsMetric):
     """Stored samples per class, global or local: one value per class present.
 
-    Values: ``int``, names ``Buffer_GlobalClassCount_{MB,Exp}/.../Class{c}`` (or ``Local``);
-    :meth:`result` is the whole ``{class: count}`` dict.
+    Values: ``int``, names ``Buffer_GlobalClassCount_{MB,Epoch,Exp}/.../Class{c}`` (or
+    ``Local``); :meth:`result` is the whole ``{class: count}`` dict.
     """
 
     stem = "ClassCount"
 
-    def _values(self, strategy, counts):
-        self._value = dict(sorted(counts.items()))
-        return [self._emit(strategy, n, f"/Class{c}") for c, n in self._value.items()]
+    def _value(self, strategy, newest):
+        counts = self._counts(strategy, newest)
+        return None if counts is None else dict(sorted(counts.items()))
+
+    def _package_result(self, strategy):
+        value = self.result()
+        if value is None:
+            return None
+        name = get_metric_name(self, strategy, add_task=False)
+        x = strategy.clock.train_iterations
+        return [MetricValue(self, f"{name}/Class{c}", n, x) for c, n in value.items()]
+
+
+class BytesPerSample(_SnapshotMetric):
+    """Bytes one stored record takes (every field, in its storage dtype, 8-byte aligned):
+    float16 logits or uint8 images make it smaller for the same budget. Value ``int``,
+    name ``Buffer_BytesPerSample_{MB,Epoch,Exp}``."""
+
+    base_name = "Buffer_BytesPerSample"
+
+    def _value(self, strategy, newest):
+        record = self._record(strategy, newest)
+        if record is not None and record.row_bytes:
+            return record.row_bytes
+        policy = self._policy(strategy)
+        core = policy.core if policy is not None and policy.pipeline is None else None
+        return core.bytes_per_sample if core is not None and core.bytes_per_sample else None
 
 
 class _PerStepMetric(_BufferMetric):
-    """A per-step quantity: emitted per step, or summarised over the epoch or experience."""
+    """A per-step quantity: emitted per step, or summarised over the epoch or experience
+    (mean per step, or total with ``total = True``)."""
 
-    total = False  # summary is the total (True) or the mean per step (False)
+    total = False
+
+    def __init__(self, every: str = "experience",
+                 buffer: Optional[DistributedRehearsalBuffer] = None):
+        super().__init__(PerStepSummary(total=self.total), every, buffer)
+
+    def update(self, strategy) -> None:
+        values = self._step_values(strategy)
+        if values is not None:
+            self._metric.update(values)
+
+    def result(self):
+        values = self._metric.result()
+        if values is not None and list(values) == [""]:
+            return values[""]
+        return values
 
     def _step_values(self, strategy) -> Optional[Dict[str, float]]:
         raise NotImplementedError
 
-    def _start_period(self):
-        self._sums: Dict[str, float] = {}
-        self._steps = 0
-
-    def _accumulate(self, strategy):
-        values = self._step_values(strategy)
-        if values is None:
-            return
-        if not hasattr(self, "_sums"):
-            self._start_period()
-        for k, v in values.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._steps += 1
-
-    def _take(self, strategy, phase):
-        if phase == "iteration":
-            values = self._step_values(strategy)
-        else:
-            if not getattr(self, "_steps", 0):
-                return None
-            values = {k: (v if self.total else v / self._steps) for k, v in self._sums.items()}
-        if values is None:
-            return None
-        self._value = values[""] if list(values) == [""] else dict(values)
-        return [self._emit(strategy, v, k) for k, v in values.items()]
-
 
 class RepresentativesPerStep(_PerStepMetric):
-    """Representatives appended to the mini-batch at a step (``int`` per step; the mean per
-    step over the epoch or experience otherwise). Name ``Buffer_Representatives_{MB,Exp}``."""
+    """Representatives appended to the mini-batch at a step (``int`` per step; the mean
+    per step over the epoch or experience otherwise). Name ``Buffer_Representatives_...``."""
 
     base_name = "Buffer_Representatives"
 
@@ -269,10 +298,9 @@ class RepresentativesPerStep(_PerStepMetric):
 
 class WorkerWaitTime(_PerStepMetric):
     """Seconds the training thread waited for the background worker at a step (``float``;
-    the total over the epoch or experience otherwise). Name ``Buffer_WaitSeconds_{MB,Exp}``."""
+    the total over the epoch or experience otherwise). Name ``Buffer_WaitSeconds_...``."""
 
     total = True
-
     base_name = "Buffer_WaitSeconds"
 
     def _step_values(self, strategy):
@@ -285,13 +313,13 @@ class WorkerWaitTime(_PerStepMetric):
 class ExchangedBytes(_PerStepMetric):
     """Bytes this rank sent and received for a step's representatives: the payload (the
     representatives' records, all-to-all) plus the metadata (the all-gathered per-class
-    counts). Two values per step, ``Buffer_ExchangedBytes_{MB,Exp}/.../Sent`` and ``.../Received``
-    (``float`` means per step over the epoch or experience otherwise)."""
+    counts). Two values per step, ``Buffer_ExchangedBytes_.../Sent`` and ``.../Received``
+    (means per step over the epoch or experience otherwise)."""
 
     base_name = "Buffer_ExchangedBytes"
 
     def _step_values(self, strategy):
-        record = self._record(strategy, "iteration")
+        record = self._record(strategy)
         if record is None:
             return None
         s = record.stats
@@ -301,7 +329,7 @@ class ExchangedBytes(_PerStepMetric):
 
 def buffer_metrics(every: str = "experience", size: bool = True, class_counts: bool = True,
                    representatives: bool = True, wait_time: bool = True,
-                   exchanged_bytes: bool = True,
+                   exchanged_bytes: bool = True, bytes_per_sample: bool = True,
                    buffer: Optional[DistributedRehearsalBuffer] = None) -> List[PluginMetric]:
     """The buffer metrics, ready for ``EvaluationPlugin(*buffer_metrics(...))``.
 
@@ -314,6 +342,8 @@ def buffer_metrics(every: str = "experience", size: bool = True, class_counts: b
     if class_counts:
         metrics += [BufferClassCounts("global", every, buffer),
                     BufferClassCounts("local", every, buffer)]
+    if bytes_per_sample:
+        metrics.append(BytesPerSample(every, buffer))
     if representatives:
         metrics.append(RepresentativesPerStep(every, buffer))
     if wait_time:

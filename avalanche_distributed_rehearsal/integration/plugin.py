@@ -9,7 +9,8 @@ from avalanche.core import SupervisedPlugin
 
 from ..core import RehearsalPipeline, StepContext
 from ..core.validation import check_int
-from .storage_policy import DistributedRehearsalBuffer, refuse_dictionary_samples
+from .batches import BatchFields
+from .storage_policy import DistributedRehearsalBuffer
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -23,9 +24,20 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     samples are offered to this rank's shard. The buffer work (insert, sample, exchange)
     runs in a background thread (on its own CUDA stream on GPU) while the model computes.
 
-    Candidates are offered during the first epoch of each experience only, so every
-    sample of the stream is offered at most once (re-offering it in later epochs would
-    let the buffer hold copies of the same sample).
+    Candidates are offered during one epoch of each experience only (the first by
+    default, ``offer_epoch="last"`` for the last), so every sample of the stream is
+    offered at most once (re-offering it in later epochs would let the buffer hold copies
+    of the same sample).
+
+    Samples are records of named fields (see
+    :mod:`avalanche_distributed_rehearsal.core.records`): by default the mini-batch's
+    input, label and task label (``[x, y, ..., t]``: Avalanche reads the task label last),
+    or every per-sample tensor of a dictionary mini-batch; ``fields`` chooses. Stored
+    entries of the mini-batch become ``[batch ; representatives]``; entries the buffer does
+    not store pass through untouched. With ``store_outputs="logits"`` each candidate also
+    keeps the model's output for it at insertion time (taken after the forward pass,
+    stored in ``output_dtype``), and the replayed rows' stored outputs are in
+    :attr:`last_replay` (Dark Experience Replay, see :class:`DistributedDER`).
 
     Args:
         mem_size: global budget M: samples stored over all ranks together.
@@ -33,8 +45,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             quarter of the strategy's ``train_mb_size`` (at least 1).
         num_candidates: c, samples of each mini-batch offered to the shard. Default: the
             whole mini-batch. Larger than the batch is clamped to the batch.
-        sampling: ``"uniform"`` or ``"class_balanced"`` (see
-            :class:`DistributedRehearsalBuffer`).
+        sampling: ``"uniform"``, ``"class_balanced"``, ``"local"`` or a core ``Sampler``
+            (see :class:`DistributedRehearsalBuffer`).
         async_mode: run the buffer work in the background (True) or inline (False). Both
             give bit-identical results for the same seed.
         seed: the same on every rank.
@@ -52,6 +64,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             replay every stored class, as the reference design does. Needs experiences
             that tell their classes (``classes_in_this_experience`` or
             ``dataset.targets``); otherwise every stored class is replayed.
+        fields: ``{record field: mini-batch position or key}`` (see
+            :class:`~avalanche_distributed_rehearsal.integration.batches.BatchFields`).
+        store_outputs: a field name under which each candidate keeps the model's output
+            (``strategy.mb_output``) for it, or None (default).
+        output_dtype: storage dtype of the stored outputs (default float16).
+        offer_epoch: ``"first"`` (default) or ``"last"``: the epoch of each experience
+            whose mini-batches are offered. With stored outputs, ``"last"`` keeps the
+            outputs of a model trained on the experience (as Avalanche's DER, which
+            computes them at the end of the experience), not of its first epoch.
+        dtypes: storage dtypes of other fields, e.g. ``{"input": torch.uint8}`` for
+            uint8 images (default: the batch's dtypes).
 
     Evaluation is left untouched. ``train()`` may be called any number of times (online
     continual learning calls it once per mini-batch): the worker starts once, and the job
@@ -78,7 +101,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
                  device: Optional[str | torch.device] = None,
                  storage_policy: Optional[DistributedRehearsalBuffer] = None,
                  timeout: Optional[float] = None, nonfinite: str = "raise",
-                 replay_new_classes: bool = False):
+                 replay_new_classes: bool = False, fields: Optional[dict] = None,
+                 store_outputs: Optional[str] = None, output_dtype: torch.dtype = torch.float16,
+                 dtypes: Optional[dict] = None, offer_epoch: str = "first"):
         super().__init__()
         check_int("mem_size", mem_size, 1)
         if batch_size_mem is not None:
@@ -88,10 +113,21 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         for name, flag in (("async_mode", async_mode), ("replay_new_classes", replay_new_classes)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if store_outputs is not None and (not isinstance(store_outputs, str) or not store_outputs):
+            raise TypeError(f"store_outputs must be a field name or None, got {store_outputs!r}")
+        if not isinstance(output_dtype, torch.dtype) or not output_dtype.is_floating_point:
+            raise TypeError(f"output_dtype must be a floating-point torch dtype, got {output_dtype!r}")
+        if offer_epoch not in ("first", "last"):
+            raise ValueError(f"offer_epoch must be 'first' or 'last', got {offer_epoch!r}")
+        self.offer_epoch = offer_epoch
+        self.batch_fields = BatchFields(fields)
+        dtypes = dict(dtypes or {})
+        if store_outputs is not None:
+            dtypes.setdefault(store_outputs, output_dtype)
         if storage_policy is None:
             storage_policy = DistributedRehearsalBuffer(
                 mem_size, sampling=sampling, seed=seed, device=device, nonfinite=nonfinite,
-                timeout=timeout)
+                timeout=timeout, fields=fields, dtypes=dtypes)
         elif not isinstance(storage_policy, DistributedRehearsalBuffer):
             raise TypeError("storage_policy must be a DistributedRehearsalBuffer, got "
                             f"{type(storage_policy).__name__}")
@@ -104,9 +140,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.async_mode = async_mode
         self.replay_new_classes = replay_new_classes
         self.storage_policy = storage_policy
+        self.store_outputs = store_outputs
         self.seen_classes: Set[int] = set()
         self._pending_state: Optional[dict] = None
         self._experience_classes: Optional[Set[int]] = None  # of the experience in training
+        #: The representatives of the current step (every stored field, ``(d, ...)``, on
+        #: the strategy's device), and the rows of the mini-batch: ``new_rows`` from the
+        #: stream, then ``replayed_rows`` representatives.
+        self.last_replay: dict = {}
+        self.new_rows = 0
+        self.replayed_rows = 0
+        self._record: Optional[dict] = None  # the step's record, offered after the forward pass
 
     @property
     def pipeline(self) -> Optional[RehearsalPipeline]:
@@ -133,7 +177,6 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self._ensure_pipeline(strategy)
 
     def before_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
-        refuse_dictionary_samples(strategy.experience.dataset, "DistributedReplayPlugin")
         pipeline = self._ensure_pipeline(strategy)
         classes = self._experience_classes = _experience_classes(strategy.experience)
         if self.replay_new_classes or classes is None:
@@ -143,14 +186,36 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_iteration(self, strategy: "SupervisedTemplate", **kwargs):
         mbatch = strategy.mbatch
-        if len(mbatch) != 3:
-            raise ValueError("DistributedReplayPlugin expects mini-batches of (x, y, task_label); "
-                             f"got {len(mbatch)} elements")
-        first_epoch = strategy.clock.train_exp_epochs == 0
-        x, y, t = self._ensure_pipeline(strategy).augment(mbatch[0], mbatch[1], mbatch[2],
-                                                          offer=first_epoch,
-                                                          context=step_context(strategy))
-        strategy.mbatch = [x, y, t]
+        record = self.batch_fields.to_record(mbatch)
+        pipeline = self._ensure_pipeline(strategy)
+        missing = () if self.store_outputs is None else (self.store_outputs,)
+        self.new_rows = pipeline.buffer.check_record(record, missing)  # before any change
+        context = step_context(strategy)
+        device = next(iter(record.values())).device
+        reps = pipeline.take(device, context)
+        strategy.mbatch = self.batch_fields.merge(mbatch, reps)
+        self.last_replay = reps
+        self.replayed_rows = pipeline.last_representatives
+        offer = record if self._offering(strategy) else None
+        if self.store_outputs is None:
+            pipeline.offer(offer, context)
+        else:
+            self._record = (offer, context)
+
+    def _offering(self, strategy) -> bool:
+        """Whether this epoch's mini-batches are offered (one epoch per experience)."""
+        epoch = strategy.clock.train_exp_epochs
+        if self.offer_epoch == "first":
+            return epoch == 0
+        return epoch == max(getattr(strategy, "train_epochs", 1), 1) - 1
+
+    def after_forward(self, strategy: "SupervisedTemplate", **kwargs):
+        if self.store_outputs is None or self._record is None or not strategy.is_training:
+            return
+        (record, context), self._record = self._record, None
+        if record is not None:
+            record = dict(record, **{self.store_outputs: strategy.mb_output[: self.new_rows]})
+        self.pipeline.offer(record, context)
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs):
         # The job in flight (next step's representatives) keeps running past train():

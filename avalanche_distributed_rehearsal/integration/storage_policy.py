@@ -11,22 +11,16 @@ from avalanche.benchmarks.utils.classification_dataset import (
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
-from ..core import RehearsalPipeline, ShardedRehearsalBuffer, split_budget
-from ..core.buffer import INPUT, LABEL, TASK
+from ..core import RehearsalPipeline, Sampler, ShardedRehearsalBuffer, split_budget
 from ..core.layout import RecordLayout
+from ..core.records import INPUT, LABEL, TASK, check_dtypes
 from ..core.sampling import SAMPLING_MODES
 from ..core.validation import NONFINITE_POLICIES, check_choice, check_int
+from .batches import BatchFields
 
 
 #: Samples per rank inserted between two gathers of per-class counts in ``post_adapt``.
 POST_ADAPT_CHUNK = 256
-
-
-def refuse_dictionary_samples(dataset, where: str) -> None:
-    """Raise ValueError when ``dataset``'s samples are dictionaries (not supported yet)."""
-    if len(dataset) and isinstance(dataset[0], dict):
-        raise ValueError(f"{where}: the dataset's samples are dictionaries; this release "
-                         "handles samples of (input, label[, task label]) only")
 
 
 def _world():
@@ -43,9 +37,10 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     Args:
         max_size: the global budget M (samples summed over all ranks); each rank stores
             about ``M / world_size``. Must be at least the world size.
-        sampling: how representatives are drawn from the union of shards:
-            ``"uniform"`` (every stored sample equally likely) or ``"class_balanced"``
-            (uniform over classes, then over the samples of the chosen class).
+        sampling: how representatives are drawn: ``"uniform"`` (every stored sample of
+            the union of shards equally likely), ``"class_balanced"`` (each draw a class
+            uniformly among those not exhausted, then one of its samples), ``"local"``
+            (uniform over this rank's own shard, no exchange), or a core ``Sampler``.
         seed: the same on every rank; with the same seed runs are reproducible.
         device: where the shard lives: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None to
             follow the strategy's device (resolved at the first use).
@@ -54,6 +49,12 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         timeout: seconds any collective or wait on the background worker may take;
             default (None) the default process group's timeout (30 minutes without one),
             so a rank that evaluates or checkpoints for long does not end the run.
+        fields: which entries of a sample are stored under which field name (see
+            :class:`~avalanche_distributed_rehearsal.integration.batches.BatchFields`;
+            default ``(x, y[, ..., t])`` or every per-sample entry of a dict sample).
+        dtypes: storage dtype per field, e.g. ``{"logits": torch.float16}``.
+        insertion: ``"auto"`` (class-balanced for integer class labels, else a plain
+            reservoir), ``"class_balanced"`` or ``"reservoir"``.
 
     Used alone, with Avalanche's stock ``ReplayPlugin(storage_policy=...)``, it is updated
     once per experience (``post_adapt``/``update``) and :attr:`buffer` is this rank's shard
@@ -75,11 +76,17 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     :meth:`state_dict` read it) and loads it when the core shard is created.
     """
 
-    def __init__(self, max_size: int = 2000, sampling: str = "uniform", seed: int = 0,
+    def __init__(self, max_size: int = 2000, sampling="uniform", seed: int = 0,
                  device: Optional[str | torch.device] = None, nonfinite: str = "raise",
-                 timeout: Optional[float] = None):
+                 timeout: Optional[float] = None, fields: Optional[dict] = None,
+                 dtypes: Optional[dict] = None, insertion: str = "auto"):
         check_int("max_size", max_size, 1)
-        check_choice("sampling", sampling, SAMPLING_MODES)
+        if not isinstance(sampling, Sampler):
+            check_choice("sampling", sampling, SAMPLING_MODES)
+        check_choice("insertion", insertion, ("auto", "class_balanced", "reservoir"))
+        self.fields = BatchFields(fields)
+        self.dtypes = check_dtypes(dtypes)
+        self.insertion = insertion
         check_int("seed", seed, 0)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -127,7 +134,8 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
             device = self.device if self.device is not None else torch.device(default_device)
             core = ShardedRehearsalBuffer(
                 self.max_size, sampling=self.sampling, seed=self.seed, device=device,
-                nonfinite=self.nonfinite, timeout=self.timeout, config=self.config)
+                nonfinite=self.nonfinite, timeout=self.timeout, config=self.config,
+                dtypes=self.dtypes, insertion=self.insertion)
             if pending is not None:
                 try:
                     core.load_state_dict(pending)
@@ -155,7 +163,10 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     # ------------------------------------------------------------------ ExemplarsBuffer API
     @property
     def buffer(self):
-        """This rank's shard as an AvalancheDataset of ``(x, y, t)`` (a snapshot copy)."""
+        """This rank's shard as an AvalancheDataset of ``(x, y, t)`` (a snapshot copy).
+
+        For records of ``input``, ``label`` and ``task`` fields (the default); other
+        records raise ``ValueError`` (read ``core.local_tensors()`` instead)."""
         core = self._idle()
         if core is None and self._pending_shard is not None:
             fields = _shard_fields(self._pending_shard)
@@ -164,9 +175,13 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         if not fields:
             return _make_taskaware_tensor_classification_dataset(
                 torch.zeros(0), torch.zeros(0, dtype=torch.long), task_labels=[], targets=[])
+        if not {INPUT, LABEL} <= set(fields):
+            raise ValueError(f"buffer needs records with 'input' and 'label' fields; this "
+                             f"shard stores {sorted(fields)}: read core.local_tensors()")
         x = fields[INPUT].to("cpu", copy=True)
         y = fields[LABEL].to("cpu", copy=True)
-        t = fields[TASK].to("cpu", copy=True)
+        t = (fields[TASK].to("cpu", copy=True) if TASK in fields
+             else torch.zeros(len(y), dtype=torch.int64))
         return _make_taskaware_tensor_classification_dataset(
             x, y, task_labels=t.tolist(), targets=y.tolist())
 
@@ -188,7 +203,6 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         dataset = exp.dataset
         if hasattr(dataset, "eval"):
             dataset = dataset.eval()
-        refuse_dictionary_samples(dataset, "DistributedRehearsalBuffer.post_adapt")
         core = self.materialize(getattr(agent_state, "device", "cpu"))
         self._idle()
         rank, world = core.rank, core.world_size
@@ -201,10 +215,8 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
                 continue
             loader = DataLoader(torch.utils.data.Subset(dataset, part), batch_size=len(part),
                                 shuffle=False, num_workers=0)
-            for batch in loader:
-                x, y = batch[0], batch[1]
-                t = batch[2] if len(batch) > 2 else torch.zeros_like(y)
-                core.insert(x, y, t)
+            for batch in loader:  # (x, y[, ..., t]) samples or dictionaries
+                core.insert_record(self.fields.to_record(batch))
         core.refresh(step=chunks)
         if self.pipeline is not None:
             self.pipeline.invalidate()
