@@ -1,7 +1,6 @@
 """An end-to-end Avalanche run (Naive + DistributedReplayPlugin on scikit-learn digits).
 
 Runs in one process or under ``torchrun``; each rank writes ``rank<R>.json`` to ``--out``.
-Also used by tests/test_integration.py.
 """
 
 import argparse
@@ -12,22 +11,6 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore")
-
-
-def digits_benchmark():
-    from avalanche.benchmarks import nc_benchmark
-    from sklearn.datasets import load_digits
-    from torch.utils.data import TensorDataset
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    train, test = TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
-    train.targets, test.targets = y[tr].tolist(), y[te].tolist()
-    return nc_benchmark(train, test, n_experiences=5, task_labels=False, seed=0,
-                        fixed_class_order=list(range(10)))
 
 
 def distributed_mlp():
@@ -57,6 +40,7 @@ def main():
     from avalanche.training.plugins import EvaluationPlugin
 
     from avalanche_distributed_rehearsal import DistributedReplayPlugin
+    from avalanche_distributed_rehearsal.app.data import digits_benchmark
 
     rank, world, model = distributed_mlp()
 

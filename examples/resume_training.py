@@ -40,7 +40,8 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche_distributed_rehearsal import DistributedReplayPlugin  # noqa: E402
 from avalanche_distributed_rehearsal.integration.checkpoint import (  # noqa: E402
     load_training_checkpoint, save_training_checkpoint)
-from digits_replay import digits_benchmark, distributed_mlp  # noqa: E402
+from avalanche_distributed_rehearsal.app.data import digits_benchmark  # noqa: E402
+from digits_replay import distributed_mlp  # noqa: E402
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -15,13 +15,11 @@ import os
 
 import torch
 
-from avalanche.benchmarks import nc_benchmark  # import Avalanche before the process group
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # before the process group
 from avalanche.training.supervised import Naive
-from sklearn.datasets import load_digits
-from torch.utils.data import TensorDataset
 
 from avalanche_distributed_rehearsal import DistributedRehearsalBuffer
+from avalanche_distributed_rehearsal.app.data import digits_benchmark, load_digits
 from avalanche_distributed_rehearsal.integration.metrics import BufferSize
 
 MEM_SIZE = 200
@@ -34,14 +32,8 @@ def main() -> None:
     rank = torch.distributed.get_rank() if world > 1 else 0
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
-    d = load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    train, test = TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
-    train.targets, test.targets = y[tr].tolist(), y[te].tolist()
-    bm = nc_benchmark(train, test, n_experiences=5, task_labels=False, seed=0,
-                      fixed_class_order=list(range(10)))
+    bm = digits_benchmark()
+    _, test, _ = load_digits(seed=0)  # the benchmark's test split, as one TensorDataset
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))

@@ -20,27 +20,13 @@ import torch
 
 # Import Avalanche before creating the process group: it builds a logger at import time,
 # which it refuses to do on a non-main rank once the group exists.
-from avalanche.benchmarks import nc_benchmark
 from avalanche.logging import InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
-from sklearn.datasets import load_digits
-from torch.utils.data import TensorDataset
 
 from avalanche_distributed_rehearsal import DistributedReplayPlugin
+from avalanche_distributed_rehearsal.app.data import digits_benchmark
 from avalanche_distributed_rehearsal.integration.metrics import buffer_metrics
-
-
-def digits_benchmark(seed: int):
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16  # (1797, 64) float32
-    y = torch.tensor(d.target)  # (1797,) int64
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:1400], perm[1400:]
-    train, test = TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
-    train.targets, test.targets = y[tr].tolist(), y[te].tolist()
-    return nc_benchmark(train, test, n_experiences=5, task_labels=False, seed=seed,
-                        fixed_class_order=list(range(10)))
 
 
 def main() -> None:
@@ -70,7 +56,7 @@ def main() -> None:
                      torch.nn.CrossEntropyLoss(), train_mb_size=args.batch_size,
                      train_epochs=args.epochs, device="cpu", plugins=[plugin],
                      evaluator=evaluator, eval_every=-1)
-    bm = digits_benchmark(args.seed)
+    bm = digits_benchmark(seed=args.seed)
     try:
         for exp in bm.train_stream:
             strategy.train(exp, eval_streams=[])

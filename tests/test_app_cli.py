@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from avalanche_distributed_rehearsal.app.cli import METHODS, parse_args
+from avalanche_distributed_rehearsal.app.cli import DEFAULT_METHODS as METHODS, parse_args
 from avalanche_distributed_rehearsal.app.main import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ def test_quickstart_notebook_runs(tmp_path):
     client.execute()  # raises CellExecutionError naming the failing cell
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
-    assert "final average accuracy" in outputs
+    assert "final average accuracy" in outputs and "distributed DER++" in outputs
+    assert "'logits', [10], 'float16'" in outputs  # a stored record with float16 logits
     assert "Buffer_GlobalSize_Exp/train_phase/train_stream" in outputs
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from digits_replay import digits_benchmark
+from avalanche_distributed_rehearsal.app.data import digits_benchmark
 from dist_harness import run_ranks
 
 pytest.importorskip("avalanche")

@@ -132,3 +132,15 @@ def make_benchmark(train: TensorDataset, test: TensorDataset, n_classes: int,
 
     return nc_benchmark(train, test, n_experiences=n_experiences, task_labels=False, seed=seed,
                         fixed_class_order=list(range(n_classes)))
+
+
+def digits_benchmark(n_experiences: int = 5, seed: int = 0):
+    """The bundled data as a class-incremental benchmark: scikit-learn's 8x8 digits
+    (:func:`load_digits`: 1400 training and 397 test samples, ``x`` ``(64,)`` float32 in
+    [0, 1]), classes 0-9 in order over ``n_experiences`` experiences (task label 0).
+
+    The one builder of the digits benchmark: the main job, the examples, the notebook
+    and the tests use it. The same ``seed`` gives the same split and order.
+    """
+    train, test, n_classes = load_digits(seed)
+    return make_benchmark(train, test, n_classes, n_experiences, seed)

@@ -7,6 +7,9 @@ returns its accuracy matrix, training time and buffer footprint.
 * ``stock_replay``: ``Naive`` + Avalanche's ``ReplayPlugin`` with a ``ClassBalancedBuffer``
   of budget M. Every rank holds the whole buffer (M samples per rank).
 * ``ours``: ``Naive`` + :class:`DistributedReplayPlugin` with global budget M (M / N per rank).
+* ``stock_der``: Avalanche's ``DER`` (Dark Experience Replay; DER++ when beta > 0) with
+  budget M, replicated on every rank.
+* ``der``: :class:`DistributedDER`, the same losses over the sharded buffer (M / N per rank).
 """
 
 from __future__ import annotations
@@ -173,6 +176,54 @@ def ours(ctx: Context) -> MethodResult:
     return result
 
 
+def _der_arguments(ctx: Context, model: nn.Module) -> dict:
+    """The arguments both DER methods share: same network, optimiser, budget, r, losses."""
+    cfg = ctx.cfg
+    return dict(model=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+                criterion=nn.CrossEntropyLoss(), mem_size=cfg.mem_size,
+                batch_size_mem=max(1, cfg.replay_mb), alpha=cfg.der_alpha, beta=cfg.der_beta,
+                train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=512,
+                device=ctx.device, eval_every=-1)
+
+
+def stock_der(ctx: Context) -> MethodResult:
+    """Avalanche's ``DER`` (DER++ for ``--der-beta`` > 0) with budget M on every rank."""
+    from avalanche.training.supervised import DER
+
+    model = _model(ctx)
+    strategy = DER(evaluator=_evaluator(), **_der_arguments(ctx, model))
+    result = _run_stream(ctx, "stock_der", strategy, model)
+    # every rank holds the whole buffer: inputs, labels, task labels and float32 logits
+    logits = ctx.n_classes * 4
+    result.buffer_bytes_per_rank = len(strategy.storage_policy.buffer) * (
+        sample_bytes(ctx.sample_shape) + logits)
+    return result
+
+
+def der(ctx: Context) -> MethodResult:
+    """:class:`~avalanche_distributed_rehearsal.integration.DistributedDER`: the same
+    losses over the sharded buffer (M / N per rank, float16 logits), sampled uniformly
+    over the union of shards like Avalanche's DER samples its buffer."""
+    from ..integration import DistributedDER
+    from ..integration.metrics import buffer_metrics
+
+    cfg = ctx.cfg
+    evaluator = _evaluator(buffer_metrics(every="experience"))
+    model = _model(ctx)
+    strategy = DistributedDER(evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync,
+                              seed=cfg.seed, **_der_arguments(ctx, model))
+    try:
+        result = _run_stream(ctx, "der", strategy, model)
+        core = strategy.replay.storage_policy.core
+        result.buffer_bytes_per_rank = 0 if core is None else int(core.storage.nbytes)
+        result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
+                          if isinstance(v, (int, float))}
+    finally:
+        strategy.close()
+    return result
+
+
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
     "incremental": incremental, "from_scratch": from_scratch,
-    "stock_replay": stock_replay, "ours": ours}
+    "stock_replay": stock_replay, "ours": ours, "stock_der": stock_der, "der": der}

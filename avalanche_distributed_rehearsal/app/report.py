@@ -8,7 +8,8 @@ import os
 from typing import Dict, List
 
 LABELS = {"incremental": "incremental (no replay)", "from_scratch": "from scratch (upper bound)",
-          "stock_replay": "stock ReplayPlugin", "ours": "ours (DistributedReplayPlugin)"}
+          "stock_replay": "stock ReplayPlugin", "ours": "ours (DistributedReplayPlugin)",
+          "stock_der": "stock DER (Avalanche)", "der": "ours: DistributedDER"}
 
 
 def _bytes(n: int) -> str:
