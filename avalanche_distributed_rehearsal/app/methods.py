@@ -6,7 +6,13 @@ returns its accuracy matrix, training time and buffer footprint.
   experiences seen so far (Avalanche's ``JointTraining``; the upper bound).
 * ``stock_replay``: ``Naive`` + Avalanche's ``ReplayPlugin`` with a ``ClassBalancedBuffer``
   of budget M. Every rank holds the whole buffer (M samples per rank).
+* ``stock_replay_equal``: the same with M / N samples per rank (the total memory of ours).
 * ``ours``: ``Naive`` + :class:`DistributedReplayPlugin` with global budget M (M / N per rank).
+* ``ours_local``: the same, each rank sampling its own shard only (``sampling="local"``,
+  no payload exchange: the ablation baseline).
+
+With ``Context.rank_local`` (``--rank-split skewed``) every method trains on exactly its
+rank's own share of each experience (:mod:`.split`), without Avalanche's distributed sampler.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class MethodResult:
     spent in ``strategy.train`` summed over experiences (evaluation excluded).
     ``buffer_bytes_per_rank``: bytes of rehearsal storage on this rank (0 without one).
     ``metrics``: the last value of every Avalanche metric the method logged.
+    ``traffic``: mean bytes per training step this rank exchanged with other ranks for
+    the buffer (see :class:`.traffic.TrafficMeter`); None for methods without our buffer.
     """
 
     name: str
@@ -40,6 +48,7 @@ class MethodResult:
     train_seconds: float
     buffer_bytes_per_rank: int = 0
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    traffic: Optional[Dict[str, float]] = None
 
 
 @dataclasses.dataclass
@@ -56,6 +65,7 @@ class Context:
     on_experience: Callable[[str, int], None] = lambda method, exp: None
     log_file: Optional[io.TextIOBase] = None
     group: object = None  # a process group serving `device` (see experiment.group_for)
+    rank_local: bool = False  # train on the rank's own dataset, no distributed sampler
 
 
 def _model(ctx: Context) -> nn.Module:
@@ -82,8 +92,12 @@ def _evaluator(metrics=(), loggers=()):
 def _naive(ctx: Context, model: nn.Module, plugins=(), evaluator=None, cls=None):
     from avalanche.training.supervised import Naive
 
+    from .split import rank_local
+
     cfg = ctx.cfg
     cls = cls or Naive
+    if ctx.rank_local:
+        cls = rank_local(cls)
     return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
                criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.batch_size,
                train_epochs=cfg.epochs, eval_mb_size=512, device=ctx.device,
@@ -132,47 +146,77 @@ def sample_bytes(sample_shape, dtype=torch.float32) -> int:
     return n * torch.empty((), dtype=dtype).element_size() + 2 * 8
 
 
-def stock_replay(ctx: Context) -> MethodResult:
-    from avalanche.training.plugins import ReplayPlugin
+def _stock_replay(ctx: Context, name: str, mem_size: int) -> MethodResult:
     from avalanche.training.storage_policy import ClassBalancedBuffer
 
+    from .stock import StockReplayPlugin
+
     cfg = ctx.cfg
-    policy = ClassBalancedBuffer(max_size=cfg.mem_size, adaptive_size=True)
-    plugin = ReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=max(1, cfg.replay_mb),
-                          storage_policy=policy)
+    policy = ClassBalancedBuffer(max_size=mem_size, adaptive_size=True)
+    plugin = StockReplayPlugin(mem_size=mem_size, batch_size_mem=max(1, cfg.replay_mb),
+                               storage_policy=policy, distributed_sampling=not ctx.rank_local)
     model = _model(ctx)
-    result = _run_stream(ctx, "stock_replay", _naive(ctx, model, [plugin]), model)
+    result = _run_stream(ctx, name, _naive(ctx, model, [plugin]), model)
     # Avalanche keeps the buffer as index views of the datasets; we count what the stored
-    # samples weigh (inputs + labels + task labels), as every rank holds all of them.
+    # samples weigh (inputs + labels + task labels).
     result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape)
     return result
 
 
-def ours(ctx: Context) -> MethodResult:
+def stock_replay(ctx: Context) -> MethodResult:
+    """The stock plugin as Avalanche runs it: every rank holds the whole budget M."""
+    return _stock_replay(ctx, "stock_replay", ctx.cfg.mem_size)
+
+
+def stock_replay_equal(ctx: Context) -> MethodResult:
+    """The stock plugin at our memory: M // N samples per rank (+1 on the first M % N
+    ranks), the total budget M over all ranks."""
+    m, n = ctx.cfg.mem_size, ctx.world
+    return _stock_replay(ctx, "stock_replay_equal", m // n + (1 if ctx.rank < m % n else 0))
+
+
+def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
     from avalanche.logging import TextLogger
 
     from ..integration import DistributedReplayPlugin
     from ..integration.metrics import buffer_metrics
+    from .traffic import TrafficMeter
 
     cfg = ctx.cfg
     plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
-                                     sampling=cfg.sampling, async_mode=not cfg.sync, seed=cfg.seed)
+                                     sampling=sampling, async_mode=not cfg.sync, seed=cfg.seed)
+    meter = TrafficMeter(plugin)
     loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
     # per experience (into results.json) and per epoch (what the text logger prints)
     metrics = buffer_metrics(every="experience") + buffer_metrics(every="epoch", class_counts=False)
     evaluator = _evaluator(metrics, loggers)
     model = _model(ctx)
     try:
-        result = _run_stream(ctx, "ours", _naive(ctx, model, [plugin], evaluator), model)
+        result = _run_stream(ctx, name, _naive(ctx, model, [plugin, meter], evaluator), model)
         core = plugin.storage_policy.core
         result.buffer_bytes_per_rank = 0 if core is None else int(core.storage.nbytes)
         result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
                           if isinstance(v, (int, float))}
+        result.traffic = meter.per_step()
     finally:
         plugin.close()
     return result
 
 
+def ours(ctx: Context) -> MethodResult:
+    """Global sampling (``--sampling``) from the union of the shards."""
+    return _ours(ctx, "ours", ctx.cfg.sampling)
+
+
+def ours_local(ctx: Context) -> MethodResult:
+    """Each rank samples its own shard only: no payload crosses ranks."""
+    return _ours(ctx, "ours_local", "local")
+
+
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
     "incremental": incremental, "from_scratch": from_scratch,
-    "stock_replay": stock_replay, "ours": ours}
+    "stock_replay": stock_replay, "stock_replay_equal": stock_replay_equal,
+    "ours": ours, "ours_local": ours_local}
+
+#: methods that use the distributed rehearsal buffer (a buffer-metrics log each)
+BUFFER_METHODS = ("ours", "ours_local")
