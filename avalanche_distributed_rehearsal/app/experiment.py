@@ -100,6 +100,7 @@ def summarise(result: MethodResult, incremental_seconds: Optional[float]) -> Dic
             "accuracy_curve": accuracy_curve(result.accuracy),
             "accuracy_matrix": result.accuracy,
             "train_seconds": result.train_seconds,
+            "train_steps": result.steps,
             "overhead_vs_incremental": overhead,
             "buffer_bytes_per_rank": result.buffer_bytes_per_rank,
             "exchanged_bytes_per_step": result.traffic,

@@ -41,6 +41,8 @@ class MethodResult:
     ``metrics``: the last value of every Avalanche metric the method logged.
     ``traffic``: mean bytes per training step this rank exchanged with other ranks for
     the buffer (see :class:`.traffic.TrafficMeter`); None for methods without our buffer.
+    ``steps``: training iterations this rank ran over the whole stream (every rank runs
+    the same number).
     """
 
     name: str
@@ -49,6 +51,7 @@ class MethodResult:
     buffer_bytes_per_rank: int = 0
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
     traffic: Optional[Dict[str, float]] = None
+    steps: int = 0
 
 
 @dataclasses.dataclass
@@ -113,7 +116,7 @@ def _run_stream(ctx: Context, name: str, strategy, model) -> MethodResult:
         seconds += time.perf_counter() - start
         matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience(name, i)
-    return MethodResult(name, matrix, seconds)
+    return MethodResult(name, matrix, seconds, steps=strategy.clock.train_iterations)
 
 
 def incremental(ctx: Context) -> MethodResult:
@@ -126,16 +129,17 @@ def from_scratch(ctx: Context) -> MethodResult:
 
     torch.manual_seed(ctx.cfg.seed)
     stream = ctx.benchmark.train_stream
-    matrix, seconds = [], 0.0
+    matrix, seconds, steps = [], 0.0, 0
     for i in range(len(stream)):
         model = _model(ctx)
         strategy = _naive(ctx, model, cls=JointTraining)
         start = time.perf_counter()
         strategy.train(stream[: i + 1], eval_streams=[], num_workers=0)
         seconds += time.perf_counter() - start
+        steps += strategy.clock.train_iterations
         matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience("from_scratch", i)
-    return MethodResult("from_scratch", matrix, seconds)
+    return MethodResult("from_scratch", matrix, seconds, steps=steps)
 
 
 def sample_bytes(sample_shape, dtype=torch.float32) -> int:

@@ -145,7 +145,7 @@ def paired(cells, a: str, b: str, cfg, quantity: str = "final_average_accuracy")
                         st = stats(diffs.values())
                         verdict = ("n/a (one seed)" if st["ci95"] is None else
                                    "within seed noise" if abs(st["mean"]) <= st["ci95"] else
-                                   ("a > b" if st["mean"] > 0 else "a < b"))
+                                   (f"{a} higher" if st["mean"] > 0 else f"{b} higher"))
                         out.append({"a": ca["id"], "b": cb["id"], "quantity": quantity,
                                     "world_size": world, "rank_split": split, "mem_size": mem,
                                     "replay_mb": r, "sampling": sampling,
@@ -257,8 +257,10 @@ def _table(doc, split, quantity, fmt, title) -> List[str]:
 
 
 def _comparison(rows: List[dict], title: str) -> List[str]:
-    lines = [f"**{title}** (percentage points, seed by seed in the same run; mean ± std "
-             "[min, max], 95% t-interval of the mean)", "",
+    lines = [f"**{title}** (percentage points of final average accuracy, seed by seed in "
+             "the same run; mean ± std, [min, max], half-width of the 95% t-interval of the "
+             "mean; \"within seed noise\" when that interval contains 0. Each row is its own "
+             "test: among many rows at 95%, about one in twenty excludes 0 by chance)", "",
              "| split | N | M | r | n seeds | mean ± std | [min, max] | 95% CI | verdict |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in rows:
