@@ -33,6 +33,9 @@ ROW_BYTES = 64 * 4 + 8 + 8  # digits sample: 64 float32 + int64 label + int64 ta
     (["--bogus"], "unrecognized arguments"),
     (["--backend", "cuda:magic"], "--backend"),
     (["--n-experiences", "3"], "--n-experiences"),  # needs the data: checked at run time
+    (["--rank-split", "federated"], "--rank-split"),
+    (["--skew", "1.5"], "--skew"),
+    (["--skew", "-0.1"], "--skew"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     assert main(TINY + ["--output-dir", str(tmp_path)] + argv) == 2
@@ -67,7 +70,16 @@ def _check_results(res, world, mem=50, epochs=1):
     assert ms["incremental"]["overhead_vs_incremental"] == 0.0
     assert ms["incremental"]["buffer_bytes_per_rank"] == ms["from_scratch"]["buffer_bytes_per_rank"] == 0
     assert ms["ours"]["buffer_bytes_per_rank"] == (mem // world) * ROW_BYTES  # M / N rows per rank
+    assert ms["ours_local"]["buffer_bytes_per_rank"] == (mem // world) * ROW_BYTES
+    assert ms["stock_replay_equal"]["buffer_bytes_per_rank"] == (mem // world) * ROW_BYTES
     assert ms["stock_replay"]["buffer_bytes_per_rank"] == mem * ROW_BYTES     # M on every rank
+    # bytes to other ranks: none for rank-local sampling, r / N rows at most for global
+    local, glob = ms["ours_local"]["exchanged_bytes_per_step"], ms["ours"]["exchanged_bytes_per_step"]
+    assert local["payload_sent"] == local["payload_received"] == 0
+    assert (glob["payload_sent"] > 0) == (world > 1) and (glob["metadata_received"] > 0) == (world > 1)
+    assert res["rank_split"]["mode"] == "iid"
+    steps = {m["train_steps"] for n, m in ms.items() if n != "from_scratch"}
+    assert len(steps) == 1 and steps.pop() > 0  # the same steps for every method
     bm = ms["ours"]["buffer_metrics"]
     assert bm["Buffer_GlobalSize_Exp/train_phase/train_stream"] == mem
     assert bm["Buffer_LocalSize_Exp/train_phase/train_stream"] == mem // world

@@ -14,10 +14,15 @@ from typing import List, Optional, Sequence, Tuple
 PROG = "avalanche_distributed_rehearsal"
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
 MODELS = ("mlp", "resnet18")
-METHODS = ("incremental", "from_scratch", "stock_replay", "ours", "stock_der", "der")
-#: What ``--methods all`` runs (the DER pair is opt-in: ``--methods all,der,stock_der``).
-DEFAULT_METHODS = ("incremental", "from_scratch", "stock_replay", "ours")
+METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
+           "ours_local", "stock_der", "der")
+#: What the main job runs by default (``--methods default``); ``all`` adds the DER pair.
+DEFAULT_METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
+                   "ours_local")
+#: methods whose memory is split over the ranks: each needs --mem-size >= the number of ranks
+SPLIT_BUDGET_METHODS = ("stock_replay_equal", "ours", "ours_local", "der")
 SAMPLING = ("uniform", "class_balanced")
+RANK_SPLITS = ("iid", "skewed")
 
 
 class UsageError(ValueError):
@@ -35,6 +40,8 @@ class Config:
     synthetic_shape: Tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = 10
     n_experiences: int = 5
+    rank_split: str = "iid"
+    skew: float = 0.8
     model: str = "mlp"
     hidden: int = 128
     methods: Tuple[str, ...] = DEFAULT_METHODS
@@ -69,7 +76,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=(
         "Class-incremental experiment: incremental (no replay), from scratch on all data "
-        "seen so far, Avalanche's stock ReplayPlugin and the distributed rehearsal buffer, "
+        "seen so far, Avalanche's stock ReplayPlugin (budget M per rank, or M / N), and the "
+        "distributed rehearsal buffer (global or rank-local sampling), "
         "in one process or under torchrun --nproc-per-node=N."))
     d = Config()
     g = p.add_argument_group("data")
@@ -80,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-shape", type=str, default="1,28,28", help="synthetic: per-sample shape, e.g. 3,32,32 or 64")
     g.add_argument("--synthetic-classes", type=str, default=str(d.synthetic_classes), help="synthetic: number of classes")
     g.add_argument("--n-experiences", type=str, default=str(d.n_experiences), help="experiences (classes split evenly; default 5)")
+    g.add_argument("--rank-split", default=d.rank_split, help="how each experience is shared among ranks: iid (default: Avalanche's distributed sampler) or skewed (each rank gets mostly its home classes, see --skew)")
+    g.add_argument("--skew", type=str, default=str(d.skew), help="skewed: strength in [0, 1] (0: even split of every class, 1: each class only on its home ranks; default 0.8; seeded by --seed)")
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=d.model, help="mlp (default) or resnet18 (image data only)")
     g.add_argument("--hidden", type=str, default=str(d.hidden), help="mlp hidden width (default 128)")
@@ -92,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=d.backend, help="torch.distributed backend of the run's process group under torchrun: auto (default: cpu:gloo,cuda:nccl with GPUs, gloo without), gloo, nccl, or device:backend pairs such as cuda:gloo (which, on CPU, refuses CPU tensors as NCCL does)")
     g = p.add_argument_group("methods and buffer")
     g.add_argument("--methods", default="default", help=f"comma-separated subset of {','.join(METHODS)}; 'default' = {','.join(DEFAULT_METHODS)}; 'all' = every method (default: default)")
-    g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: global buffer budget, the same for both replay methods (default 200)")
-    g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for both replay methods (default: twice --batch-size)")
+    g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: buffer budget: global for ours, ours_local, der and stock_replay_equal (M / N per rank), per rank for stock_replay and stock_der (default 200)")
+    g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for every replay method (default: twice --batch-size)")
     g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
     g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline instead of in the background")
     g.add_argument("--der-alpha", type=str, default=str(d.der_alpha), help="der, stock_der: weight of the logit-matching (MSE) term (default 0.1)")
@@ -181,6 +191,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         synthetic_shape=_shape(a.synthetic_shape),
         synthetic_classes=_int("--synthetic-classes", a.synthetic_classes, 2),
         n_experiences=_int("--n-experiences", a.n_experiences, 1),
+        rank_split=_choice("--rank-split", a.rank_split, RANK_SPLITS),
+        skew=_float("--skew", a.skew, 0.0, strict=False),
         model=_choice("--model", a.model, MODELS),
         hidden=_int("--hidden", a.hidden, 1),
         methods=_methods(a.methods),
@@ -201,6 +213,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         threads=None if a.threads is None else _int("--threads", a.threads, 1),
         backend=_backend(a.backend),
     )
+    if cfg.skew > 1:
+        raise UsageError(f"--skew must be in [0, 1], got {cfg.skew}")
     if cfg.momentum >= 1:
         raise UsageError(f"--momentum must be smaller than 1, got {cfg.momentum}")
     if cfg.model == "resnet18" and (cfg.dataset == "digits" or
@@ -221,5 +235,7 @@ def check_against_world(cfg: Config, n_classes: int, world: int) -> None:
     if n_classes % cfg.n_experiences:
         raise UsageError(f"--n-experiences ({cfg.n_experiences}) must divide the number of "
                          f"classes ({n_classes}) evenly")
-    if "ours" in cfg.methods and cfg.mem_size < world:
-        raise UsageError(f"--mem-size ({cfg.mem_size}) must be at least the number of ranks ({world})")
+    split = [m for m in cfg.methods if m in SPLIT_BUDGET_METHODS]
+    if split and cfg.mem_size < world:
+        raise UsageError(f"--mem-size ({cfg.mem_size}) must be at least the number of ranks "
+                         f"({world}) for {', '.join(split)}")

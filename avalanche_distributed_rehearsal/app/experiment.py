@@ -16,7 +16,7 @@ import torch
 from .cli import Config, check_against_world
 from .data import load_data, make_benchmark
 from .evaluation import accuracy_curve, average_accuracy, average_forgetting
-from .methods import METHODS, Context, MethodResult
+from .methods import BUFFER_METHODS, METHODS, Context, MethodResult
 
 
 def _dist():
@@ -67,13 +67,18 @@ def group_for(device: torch.device):
     return dist.new_group(backend="gloo")
 
 
-def _reduce_max(values, ctx_group, device: torch.device, world: int):
+def _reduce(values, ctx_group, device: torch.device, world: int, op: str = "max"):
+    """Collective: ``values`` (floats) reduced over ranks by ``op`` (``"max"`` or ``"mean"``)."""
     if world == 1:
-        return list(values)
+        return [float(v) for v in values]
     dist = _dist()
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx_group)
-    return t.tolist()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=ctx_group)
+    return t.tolist() if op == "max" else (t / world).tolist()
+
+
+#: keys of ``MethodResult.traffic``, averaged over ranks into ``results.json``
+TRAFFIC_KEYS = ("payload_sent", "payload_received", "metadata_sent", "metadata_received")
 
 
 def machine_info(world: int) -> Dict[str, object]:
@@ -95,8 +100,10 @@ def summarise(result: MethodResult, incremental_seconds: Optional[float]) -> Dic
             "accuracy_curve": accuracy_curve(result.accuracy),
             "accuracy_matrix": result.accuracy,
             "train_seconds": result.train_seconds,
+            "train_steps": result.steps,
             "overhead_vs_incremental": overhead,
             "buffer_bytes_per_rank": result.buffer_bytes_per_rank,
+            "exchanged_bytes_per_step": result.traffic,
             "buffer_metrics": result.metrics}
 
 
@@ -116,6 +123,16 @@ def run(cfg: Config) -> Dict[str, object]:
         train, test, n_classes = load_data(cfg, rank, barrier)
         check_against_world(cfg, n_classes, world)
         benchmark = make_benchmark(train, test, n_classes, cfg.n_experiences, cfg.seed)
+        rank_split: Dict[str, object] = {"mode": "iid", "sampler": "avalanche DistributedSampler"}
+        rank_local = cfg.rank_split == "skewed" and world > 1
+        if rank_local:
+            from .split import rank_benchmark
+
+            benchmark = rank_benchmark(benchmark, rank, world, cfg.skew, cfg.seed)
+            rank_split = benchmark.split
+        elif cfg.rank_split == "skewed":  # one rank: nothing to split, the iid path
+            rank_split = {"mode": "skewed", "skew": cfg.skew, "world_size": 1,
+                          "note": "one rank trains on the whole stream (the iid path)"}
         sample_shape = tuple(train.tensors[0].shape[1:])
         if rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
@@ -131,31 +148,39 @@ def run(cfg: Config) -> Dict[str, object]:
                 bar.set_postfix_str(f"{method} exp {exp + 1}/{cfg.n_experiences}")
                 bar.update(1)
 
-        log_file = None
-        if rank == 0 and "ours" in cfg.methods:
-            log_file = open(os.path.join(cfg.output_dir, "ours_buffer_metrics.log"), "w")
         ctx = Context(cfg, benchmark, sample_shape, n_classes, world, rank, device,
-                      on_experience, log_file, group)
+                      on_experience, None, group, rank_local=rank_local)
         results: Dict[str, MethodResult] = {}
         try:
             for name in cfg.methods:
-                res = METHODS[name](ctx)
-                res.train_seconds, bytes_max = _reduce_max(
+                if rank == 0 and name in BUFFER_METHODS:  # one buffer-metrics log each
+                    ctx.log_file = open(os.path.join(cfg.output_dir, f"{name}_buffer_metrics.log"), "w")
+                try:
+                    res = METHODS[name](ctx)
+                finally:
+                    if ctx.log_file is not None:
+                        ctx.log_file.close()
+                        ctx.log_file = None
+                res.train_seconds, bytes_max = _reduce(
                     [res.train_seconds, res.buffer_bytes_per_rank], group, device, world)
                 res.buffer_bytes_per_rank = int(bytes_max)
+                if name in BUFFER_METHODS:  # every rank takes part, traffic or not
+                    t = res.traffic or {}
+                    mean = _reduce([t.get(k, 0.0) for k in TRAFFIC_KEYS] + [float(bool(t))],
+                                       group, device, world, op="mean")
+                    res.traffic = (dict(zip(TRAFFIC_KEYS, mean[:-1]), steps=t.get("steps"))
+                                   if mean[-1] == 1.0 else None)
                 results[name] = res
         finally:
             if bar is not None:
                 bar.close()
-            if log_file is not None:
-                log_file.close()
         inc = results["incremental"].train_seconds if "incremental" in results else None
         out = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
                "machine": machine_info(world), "world_size": world, "n_classes": n_classes,
                "n_experiences": cfg.n_experiences, "sample_shape": list(sample_shape),
-               "train_samples": len(train), "test_samples": len(test),
+               "train_samples": len(train), "test_samples": len(test), "rank_split": rank_split,
                "methods": {n: summarise(r, inc) for n, r in results.items()}}
-        out["total_seconds"] = _reduce_max([time.perf_counter() - start], group, device, world)[0]
+        out["total_seconds"] = _reduce([time.perf_counter() - start], group, device, world)[0]
         if rank == 0:
             from .report import write_report
 

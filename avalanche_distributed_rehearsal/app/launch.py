@@ -77,7 +77,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
           preimport: Sequence[str] = (), group_at_world_1: bool = False,
           group_timeout: Optional[float] = None,
           may_die: Sequence[int] = (), fail_fast: bool = True,
-          error: Type[Exception] = RuntimeError) -> List[Any]:
+          error: Type[Exception] = RuntimeError, start_method: str = "spawn") -> List[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return results by rank.
 
     Args:
@@ -92,10 +92,20 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
             collective); False waits for every rank and reports all errors together.
         error: the exception type raised for rank errors (carrying the tracebacks) and
             for ranks that died without reporting.
+        start_method: ``"spawn"`` (default: a fresh interpreter per rank) or
+            ``"forkserver"``: ranks are forked from one server process that imported
+            ``preimport`` once, so later calls start ranks in well under a second instead
+            of re-importing (Avalanche takes about 10 s and 1 GB per process) and the ranks
+            share those pages. The server is single-threaded, so forking it is safe.
 
     Raises ``TimeoutError`` after killing the ranks if they do not finish in ``timeout``.
+    A ``KeyboardInterrupt`` in the caller terminates the ranks at once and propagates.
     """
-    ctx = mp.get_context("spawn")
+    if start_method not in ("spawn", "forkserver"):
+        raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":  # effective when the server starts (the first call)
+        ctx.set_forkserver_preload(list(preimport))
     results = ctx.Queue()
     port = free_port()
     threads = threads if threads is not None else threads_per_rank(world)
@@ -132,6 +142,11 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
         if errors:
             raise error("\n".join(errors))
         return [done[r] for r in range(world)]
+    except KeyboardInterrupt:  # Ctrl-C: stop the ranks now, do not wait for them
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        raise
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -6,10 +6,16 @@ returns its accuracy matrix, training time and buffer footprint.
   experiences seen so far (Avalanche's ``JointTraining``; the upper bound).
 * ``stock_replay``: ``Naive`` + Avalanche's ``ReplayPlugin`` with a ``ClassBalancedBuffer``
   of budget M. Every rank holds the whole buffer (M samples per rank).
+* ``stock_replay_equal``: the same with M / N samples per rank (the total memory of ours).
 * ``ours``: ``Naive`` + :class:`DistributedReplayPlugin` with global budget M (M / N per rank).
 * ``stock_der``: Avalanche's ``DER`` (Dark Experience Replay; DER++ when beta > 0) with
   budget M, replicated on every rank.
 * ``der``: :class:`DistributedDER`, the same losses over the sharded buffer (M / N per rank).
+* ``ours_local``: the same, each rank sampling its own shard only (``sampling="local"``,
+  no payload exchange: the ablation baseline).
+
+With ``Context.rank_local`` (``--rank-split skewed``) every method trains on exactly its
+rank's own share of each experience (:mod:`.split`), without Avalanche's distributed sampler.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ class MethodResult:
     spent in ``strategy.train`` summed over experiences (evaluation excluded).
     ``buffer_bytes_per_rank``: bytes of rehearsal storage on this rank (0 without one).
     ``metrics``: the last value of every Avalanche metric the method logged.
+    ``traffic``: mean bytes per training step this rank exchanged with other ranks for
+    the buffer (see :class:`.traffic.TrafficMeter`); None for methods without our buffer.
+    ``steps``: training iterations this rank ran over the whole stream (every rank runs
+    the same number).
     """
 
     name: str
@@ -43,6 +53,8 @@ class MethodResult:
     train_seconds: float
     buffer_bytes_per_rank: int = 0
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    traffic: Optional[Dict[str, float]] = None
+    steps: int = 0
 
 
 @dataclasses.dataclass
@@ -59,6 +71,7 @@ class Context:
     on_experience: Callable[[str, int], None] = lambda method, exp: None
     log_file: Optional[io.TextIOBase] = None
     group: object = None  # a process group serving `device` (see experiment.group_for)
+    rank_local: bool = False  # train on the rank's own dataset, no distributed sampler
 
 
 def _model(ctx: Context) -> nn.Module:
@@ -85,8 +98,12 @@ def _evaluator(metrics=(), loggers=()):
 def _naive(ctx: Context, model: nn.Module, plugins=(), evaluator=None, cls=None):
     from avalanche.training.supervised import Naive
 
+    from .split import rank_local
+
     cfg = ctx.cfg
     cls = cls or Naive
+    if ctx.rank_local:
+        cls = rank_local(cls)
     return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
                criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.batch_size,
                train_epochs=cfg.epochs, eval_mb_size=512, device=ctx.device,
@@ -102,7 +119,7 @@ def _run_stream(ctx: Context, name: str, strategy, model) -> MethodResult:
         seconds += time.perf_counter() - start
         matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience(name, i)
-    return MethodResult(name, matrix, seconds)
+    return MethodResult(name, matrix, seconds, steps=strategy.clock.train_iterations)
 
 
 def incremental(ctx: Context) -> MethodResult:
@@ -115,16 +132,17 @@ def from_scratch(ctx: Context) -> MethodResult:
 
     torch.manual_seed(ctx.cfg.seed)
     stream = ctx.benchmark.train_stream
-    matrix, seconds = [], 0.0
+    matrix, seconds, steps = [], 0.0, 0
     for i in range(len(stream)):
         model = _model(ctx)
         strategy = _naive(ctx, model, cls=JointTraining)
         start = time.perf_counter()
         strategy.train(stream[: i + 1], eval_streams=[], num_workers=0)
         seconds += time.perf_counter() - start
+        steps += strategy.clock.train_iterations
         matrix.append(evaluate(model, ctx.benchmark.test_stream, ctx.device, group=ctx.group))
         ctx.on_experience("from_scratch", i)
-    return MethodResult("from_scratch", matrix, seconds)
+    return MethodResult("from_scratch", matrix, seconds, steps=steps)
 
 
 def sample_bytes(sample_shape, dtype=torch.float32) -> int:
@@ -135,45 +153,78 @@ def sample_bytes(sample_shape, dtype=torch.float32) -> int:
     return n * torch.empty((), dtype=dtype).element_size() + 2 * 8
 
 
-def stock_replay(ctx: Context) -> MethodResult:
-    from avalanche.training.plugins import ReplayPlugin
+def _stock_replay(ctx: Context, name: str, mem_size: int) -> MethodResult:
     from avalanche.training.storage_policy import ClassBalancedBuffer
 
+    from .stock import StockReplayPlugin
+
     cfg = ctx.cfg
-    policy = ClassBalancedBuffer(max_size=cfg.mem_size, adaptive_size=True)
-    plugin = ReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=max(1, cfg.replay_mb),
-                          storage_policy=policy)
+    policy = ClassBalancedBuffer(max_size=mem_size, adaptive_size=True)
+    plugin = StockReplayPlugin(mem_size=mem_size, batch_size_mem=max(1, cfg.replay_mb),
+                               storage_policy=policy, distributed_sampling=not ctx.rank_local)
     model = _model(ctx)
-    result = _run_stream(ctx, "stock_replay", _naive(ctx, model, [plugin]), model)
+    result = _run_stream(ctx, name, _naive(ctx, model, [plugin]), model)
     # Avalanche keeps the buffer as index views of the datasets; we count what the stored
-    # samples weigh (inputs + labels + task labels), as every rank holds all of them.
+    # samples weigh (inputs + labels + task labels).
     result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape)
     return result
 
 
-def ours(ctx: Context) -> MethodResult:
+def stock_replay(ctx: Context) -> MethodResult:
+    """The stock plugin as Avalanche runs it: every rank holds the whole budget M."""
+    return _stock_replay(ctx, "stock_replay", ctx.cfg.mem_size)
+
+
+def stock_replay_equal(ctx: Context) -> MethodResult:
+    """The stock plugin at our memory: M // N samples per rank (+1 on the first M % N
+    ranks), the total budget M over all ranks."""
+    m, n = ctx.cfg.mem_size, ctx.world
+    return _stock_replay(ctx, "stock_replay_equal", m // n + (1 if ctx.rank < m % n else 0))
+
+
+def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
     from avalanche.logging import TextLogger
 
     from ..integration import DistributedReplayPlugin
     from ..integration.metrics import buffer_metrics
+    from .traffic import TrafficMeter
 
     cfg = ctx.cfg
     plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
-                                     sampling=cfg.sampling, async_mode=not cfg.sync, seed=cfg.seed)
+                                     sampling=sampling, async_mode=not cfg.sync, seed=cfg.seed)
+    meter = TrafficMeter(plugin)
     loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
     # per experience (into results.json) and per epoch (what the text logger prints)
     metrics = buffer_metrics(every="experience") + buffer_metrics(every="epoch", class_counts=False)
     evaluator = _evaluator(metrics, loggers)
     model = _model(ctx)
+    strategy = _naive(ctx, model, [plugin, meter], evaluator)
+    return _run_sharded(ctx, name, strategy, model, plugin, evaluator, meter)
+
+
+def _run_sharded(ctx: Context, name: str, strategy, model, plugin, evaluator, meter) -> MethodResult:
+    """Run a method that uses our buffer (``plugin``), then record its footprint, buffer
+    metrics and inter-rank traffic; the buffer is closed whatever happens."""
     try:
-        result = _run_stream(ctx, "ours", _naive(ctx, model, [plugin], evaluator), model)
+        result = _run_stream(ctx, name, strategy, model)
         core = plugin.storage_policy.core
         result.buffer_bytes_per_rank = 0 if core is None else int(core.storage.nbytes)
         result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
                           if isinstance(v, (int, float))}
+        result.traffic = meter.per_step()
     finally:
         plugin.close()
     return result
+
+
+def ours(ctx: Context) -> MethodResult:
+    """Global sampling (``--sampling``) from the union of the shards."""
+    return _ours(ctx, "ours", ctx.cfg.sampling)
+
+
+def ours_local(ctx: Context) -> MethodResult:
+    """Each rank samples its own shard only: no payload crosses ranks."""
+    return _ours(ctx, "ours_local", "local")
 
 
 def _der_arguments(ctx: Context, model: nn.Module) -> dict:
@@ -187,12 +238,18 @@ def _der_arguments(ctx: Context, model: nn.Module) -> dict:
                 device=ctx.device, eval_every=-1)
 
 
+def _strategy_class(ctx: Context, cls):
+    from .split import rank_local
+
+    return rank_local(cls) if ctx.rank_local else cls
+
+
 def stock_der(ctx: Context) -> MethodResult:
     """Avalanche's ``DER`` (DER++ for ``--der-beta`` > 0) with budget M on every rank."""
     from avalanche.training.supervised import DER
 
     model = _model(ctx)
-    strategy = DER(evaluator=_evaluator(), **_der_arguments(ctx, model))
+    strategy = _strategy_class(ctx, DER)(evaluator=_evaluator(), **_der_arguments(ctx, model))
     result = _run_stream(ctx, "stock_der", strategy, model)
     # every rank holds the whole buffer: inputs, labels, task labels and float32 logits
     logits = ctx.n_classes * 4
@@ -207,23 +264,23 @@ def der(ctx: Context) -> MethodResult:
     over the union of shards like Avalanche's DER samples its buffer."""
     from ..integration import DistributedDER
     from ..integration.metrics import buffer_metrics
+    from .traffic import TrafficMeter
 
     cfg = ctx.cfg
     evaluator = _evaluator(buffer_metrics(every="experience"))
     model = _model(ctx)
-    strategy = DistributedDER(evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync,
-                              seed=cfg.seed, **_der_arguments(ctx, model))
-    try:
-        result = _run_stream(ctx, "der", strategy, model)
-        core = strategy.replay.storage_policy.core
-        result.buffer_bytes_per_rank = 0 if core is None else int(core.storage.nbytes)
-        result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
-                          if isinstance(v, (int, float))}
-    finally:
-        strategy.close()
-    return result
+    strategy = _strategy_class(ctx, DistributedDER)(
+        evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync, seed=cfg.seed,
+        **_der_arguments(ctx, model))
+    meter = TrafficMeter(strategy.replay)
+    strategy.plugins.append(meter)
+    return _run_sharded(ctx, "der", strategy, model, strategy.replay, evaluator, meter)
 
 
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
     "incremental": incremental, "from_scratch": from_scratch,
-    "stock_replay": stock_replay, "ours": ours, "stock_der": stock_der, "der": der}
+    "stock_replay": stock_replay, "stock_replay_equal": stock_replay_equal,
+    "ours": ours, "ours_local": ours_local, "stock_der": stock_der, "der": der}
+
+#: methods that use the distributed rehearsal buffer (a buffer-metrics log each)
+BUFFER_METHODS = ("ours", "ours_local")

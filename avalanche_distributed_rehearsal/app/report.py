@@ -8,7 +8,8 @@ import os
 from typing import Dict, List
 
 LABELS = {"incremental": "incremental (no replay)", "from_scratch": "from scratch (upper bound)",
-          "stock_replay": "stock ReplayPlugin", "ours": "ours (DistributedReplayPlugin)",
+          "stock_replay": "stock ReplayPlugin", "stock_replay_equal": "stock ReplayPlugin, M / N per rank",
+          "ours": "ours (DistributedReplayPlugin)", "ours_local": "ours, rank-local sampling",
           "stock_der": "stock DER (Avalanche)", "der": "ours: DistributedDER"}
 
 
@@ -24,16 +25,18 @@ def _bytes(n: int) -> str:
 
 def summary_table(results: Dict) -> str:
     """One row per method: final average accuracy and average forgetting (percent), training
-    wall time (slowest rank), overhead against incremental, buffer bytes per rank."""
+    wall time (slowest rank), overhead against incremental, buffer bytes per rank, and
+    payload bytes a rank sends to other ranks per step (mean over ranks; 0 without our buffer)."""
     rows = ["| method | final avg. accuracy (%) | avg. forgetting (%) | train wall time (s) "
-            "| overhead vs incremental | buffer bytes per rank |",
-            "|---|---:|---:|---:|---:|---:|"]
+            "| overhead vs incremental | buffer bytes per rank | payload sent per step |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in results["methods"].items():
         overhead = m["overhead_vs_incremental"]
         overhead = "n/a" if overhead is None else f"{overhead * 100:+.0f}%"
         rows.append(f"| {LABELS.get(name, name)} | {m['final_average_accuracy'] * 100:.1f} "
                     f"| {m['average_forgetting'] * 100:.1f} | {m['train_seconds']:.1f} "
-                    f"| {overhead} | {_bytes(m['buffer_bytes_per_rank'])} |")
+                    f"| {overhead} | {_bytes(m['buffer_bytes_per_rank'])} "
+                    f"| {_bytes(round((m.get('exchanged_bytes_per_step') or {}).get('payload_sent', 0)))} |")
     return "\n".join(rows)
 
 
@@ -50,8 +53,9 @@ def matrix_table(matrix: List[List[float]]) -> str:
 def markdown_report(results: Dict) -> str:
     """The whole report: settings line, summary table, one accuracy matrix per method."""
     c, mach = results["config"], results["machine"]
+    split = c.get("rank_split", "iid") + (f" (skew {c['skew']})" if c.get("rank_split") == "skewed" else "")
     parts = [f"## Class-incremental {c['dataset']}: {results['n_experiences']} experiences, "
-             f"{results['world_size']} rank(s), M = {c['mem_size']}, seed {c['seed']}",
+             f"{results['world_size']} rank(s), {split} split, M = {c['mem_size']}, seed {c['seed']}",
              f"{mach['cpu_count']} CPU cores, torch {mach['torch']}, {mach['device']}; "
              f"total {results['total_seconds']:.1f} s", "", summary_table(results)]
     for name, m in results["methods"].items():

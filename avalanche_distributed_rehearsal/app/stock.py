@@ -1,0 +1,71 @@
+"""Avalanche's stock ``ReplayPlugin`` as the main job runs it: quiet, and on rank-local data.
+
+Two differences from ``avalanche.training.plugins.ReplayPlugin``, nothing else:
+
+* Avalanche's ``@deprecated`` decorator (on ``ExemplarsBuffer.update``, which the plugin
+  calls after every experience) puts ``simplefilter("once", DeprecationWarning)`` in front
+  of every filter before it warns, so no filter, set up front or around the call, can
+  hold it back. Here the plugin's hooks run inside ``warnings.catch_warnings(record=True)``:
+  the warnings they raise are collected instead of printed, the ``DeprecationWarning``\ s
+  are dropped, any other warning is shown as usual, and the decorator's filter change is
+  undone on the way out.
+* ``distributed_sampling=False`` (the ``--rank-split skewed`` path) builds the replay
+  data loader without Avalanche's ``DistributedSampler``, which would otherwise take
+  ``1 / N`` of a rank's own share of the experience (and of its own buffer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+from avalanche.training.plugins import ReplayPlugin
+
+
+@contextlib.contextmanager
+def no_deprecation_warnings() -> Iterator[None]:
+    """Run a block; show the warnings it raises except ``DeprecationWarning``."""
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            yield
+        finally:
+            kept = [w for w in caught if not issubclass(w.category, DeprecationWarning)]
+    for w in kept:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+class StockReplayPlugin(ReplayPlugin, supports_distributed=True):
+    """``ReplayPlugin(mem_size, batch_size_mem=..., storage_policy=...)`` with quiet hooks;
+    ``distributed_sampling`` as in Avalanche's ``ReplayDataLoader``."""
+
+    def __init__(self, mem_size: int = 200, batch_size: Optional[int] = None,
+                 batch_size_mem: Optional[int] = None, task_balanced_dataloader: bool = False,
+                 storage_policy=None, distributed_sampling: bool = True):
+        super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem,
+                         task_balanced_dataloader=task_balanced_dataloader,
+                         storage_policy=storage_policy)
+        self.distributed_sampling = distributed_sampling
+
+    def before_training_exp(self, strategy, num_workers: int = 0, shuffle: bool = True,
+                            drop_last: bool = False, **kwargs):
+        with no_deprecation_warnings():
+            if self.distributed_sampling:
+                return super().before_training_exp(strategy, num_workers=num_workers,
+                                                   shuffle=shuffle, drop_last=drop_last, **kwargs)
+            if len(self.storage_policy.buffer) == 0:
+                return None  # first experience: the strategy's own loader
+            from avalanche.benchmarks.utils.data_loader import ReplayDataLoader
+
+            strategy.dataloader = ReplayDataLoader(
+                strategy.adapted_dataset, self.storage_policy.buffer, oversample_small_tasks=True,
+                batch_size=self.batch_size or strategy.train_mb_size,
+                batch_size_mem=self.batch_size_mem or strategy.train_mb_size,
+                task_balanced_dataloader=self.task_balanced_dataloader,
+                distributed_sampling=False, num_workers=num_workers, shuffle=shuffle,
+                drop_last=drop_last)
+            return None
+
+    def after_training_exp(self, strategy, **kwargs):
+        with no_deprecation_warnings():
+            return super().after_training_exp(strategy, **kwargs)
