@@ -109,7 +109,7 @@ class ShardedRehearsalBuffer:
         self.planner = QuotaPlanner(mem_size, self._capacities(mem_size), self.rank, seed)
         self.reservoir = self._new_reservoir(self.storage.capacity,
                                              derive_seed(seed, self.rank, INSERTION))
-        self.channel = MetadataChannel(self.exchange)
+        self.channel = MetadataChannel()
         self.config = dict(config or {})
         self.last_table: Optional[ClassTable] = None
         self.last_exchange = ExchangeStats()
@@ -294,7 +294,7 @@ class ShardedRehearsalBuffer:
         agreement; updates the quotas when the table changed."""
         counts = [(c, len(s)) for c, s in sorted(self.reservoir.slots_by_class.items())]
         table, sent, received = self.channel.gather(
-            kind, step, counts, digest(self.public_config()), self._layout_digest,
+            self.exchange, kind, step, counts, digest(self.public_config()), self._layout_digest,
             digest(list(excluded)), context, self._adopt_layout)
         self.last_exchange.metadata_sent, self.last_exchange.metadata_received = sent, received
         if self.world_size > 1 and not table.same_as(self.last_table):

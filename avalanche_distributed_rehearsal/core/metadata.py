@@ -219,13 +219,14 @@ class MetadataChannel:
     """The per-step all-gather of every rank's header and per-class counts.
 
     Owns the call sequence number and the agreed message width; the collectives go
-    through the buffer's exchange (its gloo metadata group). One all-gather per call in
+    through the exchange passed to each call (the buffer's: its gloo metadata group;
+    whoever replaces the buffer's exchange, e.g. to meter it, replaces it here too). One
+    all-gather per call in
     the steady state; a second when some rank sees new classes (wider messages) or the
     sample layout must be learnt from another rank (``adopt_layout``, itself collective).
     """
 
-    def __init__(self, exchange):
-        self.exchange = exchange
+    def __init__(self):
         self.seq = 0
         self.width = 0
 
@@ -234,8 +235,8 @@ class MetadataChannel:
         self.seq = 0
         self.width = int(width)
 
-    def gather(self, kind: int, step: int, counts: Sequence[Tuple[int, int]], config: int,
-               layout_digest, excluded: int, context: StepContext, adopt_layout
+    def gather(self, exchange, kind: int, step: int, counts: Sequence[Tuple[int, int]],
+               config: int, layout_digest, excluded: int, context: StepContext, adopt_layout
                ) -> Tuple[ClassTable, int, int]:
         """Collective. ``(table, bytes sent, bytes received)``.
 
@@ -245,14 +246,14 @@ class MetadataChannel:
         Raises :class:`OutOfStepError` or ``RuntimeError`` on every rank when the headers
         disagree (see :func:`check_agreement`).
         """
-        if self.exchange.world_size == 1:  # nothing to agree on: the table without checks
+        if exchange.world_size == 1:  # nothing to agree on: the table without checks
             size = (HEADER + 2 * len(counts)) * 8  # what the rank "sends" itself
             return local_table(counts), size, size
         sent = received = 0
         while True:
             message = encode(kind, step, self.seq, config, layout_digest(), excluded, context,
                              counts, self.width)
-            gathered = self.exchange.all_gather(message)
+            gathered = exchange.all_gather(message)
             self.seq += 1
             sent += message.numel() * 8
             received += gathered.numel() * 8
