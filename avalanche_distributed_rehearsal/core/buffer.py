@@ -223,9 +223,12 @@ class ShardedRehearsalBuffer:
         """
         return self.insert_record(as_record(inputs, labels, task_labels, fields))
 
-    def insert_record(self, record: Mapping[str, torch.Tensor]) -> int:
-        """:meth:`insert` for a record batch (a mapping of field names to tensors)."""
-        n = self.check_record(record)
+    def insert_record(self, record: Mapping[str, torch.Tensor], checked: bool = False) -> int:
+        """:meth:`insert` for a record batch (a mapping of field names to tensors).
+
+        ``checked=True``: the caller already ran :meth:`check_record` on this record and
+        the layout has not changed since (the pipeline's own candidates)."""
+        n = next(iter(record.values())).shape[0] if checked else self.check_record(record)
         keys_policy = self.keys
         if self.storage.layout is None:
             keys_policy.decide(record)

@@ -120,22 +120,28 @@ class RehearsalPipeline:
         The candidate rows are copied before the call returns: the caller may reuse its
         tensors freely. A malformed record raises before anything changes (the step can
         be offered again)."""
+        if record is not None:
+            self.buffer.check_record(record)
+        self._offer(record, context)
+
+    def _offer(self, record: Optional[Mapping[str, torch.Tensor]], context: StepContext) -> None:
+        """:meth:`offer` of a record already checked."""
         if self.worker.closed:
             raise RuntimeError("the rehearsal pipeline is closed")
         if not self._taken:
             raise RuntimeError("offer() must follow take() in every step")
-        if record is not None:
-            self.buffer.check_record(record)
         candidates = self._candidates(record)
         names = list(candidates)
         job_step, excluded, device = self.step + 1, self.excluded, self._device
+        checked_against = self.buffer.layout  # the layout the record was checked against
         if self.async_mode:
             self._pending = self.worker.submit(
                 lambda *values: self._job(dict(zip(names, values)), job_step, device, excluded,
-                                          context),
+                                          context, checked_against),
                 *candidates.values())
         else:
-            self._ready = self._job(candidates, job_step, device, excluded, context)
+            self._ready = self._job(candidates, job_step, device, excluded, context,
+                                    checked_against)
         self.step += 1
         self._taken = False
 
@@ -154,7 +160,7 @@ class RehearsalPipeline:
         if task_labels is None:  # targets that are not class labels, no task labels
             task_labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device)
         reps = self.take(inputs.device, context)
-        self.offer(record if offer else None, context)
+        self._offer(record if offer else None, context)
         if not reps:
             return inputs, labels, task_labels
         d = reps[INPUT].shape[0]
@@ -183,11 +189,12 @@ class RehearsalPipeline:
         return picked
 
     def _job(self, candidates: Dict[str, torch.Tensor], step: int, out_device, excluded: tuple,
-             context: StepContext) -> Prepared:
+             context: StepContext, checked_against) -> Prepared:
         """Insert the candidates, then prepare (and, unless the payload is a device
         collective, complete) the draw for ``step``."""
-        if candidates:
-            self.buffer.insert_record(candidates)
+        if candidates:  # rows of a record offer() checked, unless the layout was set since
+            self.buffer.insert_record(candidates,
+                                      checked=self.buffer.layout is checked_against is not None)
         return self._prepare(step, out_device, excluded, context)
 
     def _prepare(self, step: int, out_device, excluded: tuple, context: StepContext) -> Prepared:

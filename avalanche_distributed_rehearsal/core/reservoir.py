@@ -107,32 +107,40 @@ class ClassBalancedReservoir:
         slots.pop()
         return slot
 
+    def _below(self, n: int) -> int:
+        """A uniform integer in ``[0, n)``: ``rng.randrange(n)``'s value, without its
+        argument checks (this runs for every candidate)."""
+        below = getattr(self.rng, "_randbelow", None)
+        return below(n) if below is not None else self.rng.randrange(n)
+
     def offer(self, label: int) -> int:
         """Offer one candidate of class ``label``; return its slot or -1 if discarded."""
         label = int(label)
-        new = label not in self.seen
-        self.seen[label] = self.seen.get(label, 0) + 1
-        own = self.slots_by_class.setdefault(label, [])
-        if new:
+        seen = self.seen
+        n = seen.get(label, 0) + 1
+        seen[label] = n
+        own = self.slots_by_class.get(label)
+        if own is None:  # a class seen for the first time
+            own = self.slots_by_class[label] = []
             self.refresh_quotas()
-        if self.size < self.capacity:
-            slot = self.size
+        if len(self.label_of_slot) < self.capacity:
+            slot = len(self.label_of_slot)
             self.label_of_slot.append(label)
             own.append(slot)
             self._mark(label)
             return slot
         if self.capacity == 0:
             return -1
-        if len(own) < self.quota(label):
+        if len(own) < self.quotas.get(label, 0):
             victim = self._victim()
             if victim is not None:
-                slot = self._take_slot(victim, self.rng.randrange(len(self.slots_by_class[victim])))
+                slot = self._take_slot(victim, self._below(len(self.slots_by_class[victim])))
                 self._mark(victim)
                 self.label_of_slot[slot] = label
                 own.append(slot)
                 self._mark(label)
                 return slot
-        j = self.rng.randrange(self.seen[label])
+        j = self._below(n)
         if j < len(own):
             return own[j]
         return -1

@@ -150,7 +150,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.last_replay: dict = {}
         self.new_rows = 0
         self.replayed_rows = 0
-        self._record: Optional[dict] = None  # the step's record, offered after the forward pass
+        self._record: Optional[tuple] = None  # (record or None, context): offered after the forward pass
 
     @property
     def pipeline(self) -> Optional[RehearsalPipeline]:
