@@ -172,6 +172,12 @@ def test_study_tiny_grid_schema_plots_and_resume(tmp_path):
         for method in ("stock_replay_equal", "ours", "ours_local"):
             e = _cell(doc, method, world, split)["per_seed"]["0"]
             assert e["buffer_bytes_per_rank"] == (50 // world) * ROW_BYTES, (method, world)
+        # distinct samples over all ranks: the stock plugin's buffers are replicas under
+        # Avalanche's distributed sampler (iid), the ranks' own samples when split
+        distinct = {m: _cell(doc, m, world, split)["per_seed"]["0"]["distinct_samples"]
+                    for m in ("stock_replay_equal", "ours", "ours_local")}
+        assert distinct == {"stock_replay_equal": 25 if (world, split) == (2, "iid") else 50,
+                            "ours": 50, "ours_local": 50}, (world, split, distinct)
         g = _cell(doc, "ours", world, split)["per_seed"]["0"]
         loc = _cell(doc, "ours_local", world, split)["per_seed"]["0"]
         stock = _cell(doc, "stock_replay_equal", world, split)["per_seed"]["0"]

@@ -103,6 +103,7 @@ def summarise(result: MethodResult, incremental_seconds: Optional[float]) -> Dic
             "train_steps": result.steps,
             "overhead_vs_incremental": overhead,
             "buffer_bytes_per_rank": result.buffer_bytes_per_rank,
+            "distinct_samples_all_ranks": result.distinct_samples,
             "exchanged_bytes_per_step": result.traffic,
             "buffer_metrics": result.metrics}
 

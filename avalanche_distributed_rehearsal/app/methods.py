@@ -46,6 +46,8 @@ class MethodResult:
     the buffer (see :class:`.traffic.TrafficMeter`); None for methods without our buffer.
     ``steps``: training iterations this rank ran over the whole stream (every rank runs
     the same number).
+    ``distinct_samples``: distinct samples stored over all ranks' buffers at the end
+    (:func:`.stock.distinct_samples`); None without a buffer.
     """
 
     name: str
@@ -55,6 +57,7 @@ class MethodResult:
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
     traffic: Optional[Dict[str, float]] = None
     steps: int = 0
+    distinct_samples: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -156,7 +159,7 @@ def sample_bytes(sample_shape, dtype=torch.float32) -> int:
 def _stock_replay(ctx: Context, name: str, mem_size: int) -> MethodResult:
     from avalanche.training.storage_policy import ClassBalancedBuffer
 
-    from .stock import StockReplayPlugin
+    from .stock import StockReplayPlugin, distinct_samples
 
     cfg = ctx.cfg
     policy = ClassBalancedBuffer(max_size=mem_size, adaptive_size=True)
@@ -167,6 +170,7 @@ def _stock_replay(ctx: Context, name: str, mem_size: int) -> MethodResult:
     # Avalanche keeps the buffer as index views of the datasets; we count what the stored
     # samples weigh (inputs + labels + task labels).
     result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape)
+    result.distinct_samples = distinct_samples(policy.buffer, ctx.world, ctx.group)
     return result
 
 
@@ -187,6 +191,7 @@ def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
 
     from ..integration import DistributedReplayPlugin
     from ..integration.metrics import buffer_metrics
+    from .stock import distinct_samples
     from .traffic import TrafficMeter
 
     cfg = ctx.cfg
@@ -212,6 +217,7 @@ def _run_sharded(ctx: Context, name: str, strategy, model, plugin, evaluator, me
         result.metrics = {k: v for k, v in evaluator.get_last_metrics().items()
                           if isinstance(v, (int, float))}
         result.traffic = meter.per_step()
+        result.distinct_samples = distinct_samples(plugin.storage_policy.buffer, ctx.world, ctx.group)
     finally:
         plugin.close()
     return result

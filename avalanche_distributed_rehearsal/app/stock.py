@@ -17,6 +17,7 @@ Two differences from ``avalanche.training.plugins.ReplayPlugin``, nothing else:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from typing import Iterator, Optional
 
@@ -69,3 +70,29 @@ class StockReplayPlugin(ReplayPlugin, supports_distributed=True):
     def after_training_exp(self, strategy, **kwargs):
         with no_deprecation_warnings():
             return super().after_training_exp(strategy, **kwargs)
+
+
+def distinct_samples(buffer, world: int, group=None) -> int:
+    """Collective (every rank calls it, on a group that serves CPU objects): the number of
+    distinct samples stored over all ranks' buffers, told apart by their input's bytes.
+
+    ``buffer``: this rank's stored samples, any indexable dataset whose items start with
+    the input tensor (Avalanche's ``storage_policy.buffer``). Replicated buffers count
+    once: the stock plugin under Avalanche's distributed training fills every rank's
+    buffer from the whole experience with the same random state, so its N buffers of
+    M / N samples hold M / N distinct samples between them.
+    """
+    import torch
+
+    mine = set()
+    for i in range(len(buffer)):
+        x = buffer[i][0]
+        x = torch.as_tensor(x).detach().cpu().contiguous()
+        mine.add(hashlib.blake2b(x.numpy().tobytes(), digest_size=12).hexdigest())
+    if world == 1:
+        return len(mine)
+    import torch.distributed as dist
+
+    everyone = [None] * world
+    dist.all_gather_object(everyone, sorted(mine), group=group)
+    return len(set().union(*everyone))

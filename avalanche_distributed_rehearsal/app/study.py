@@ -48,6 +48,10 @@ from .cli import (METHODS, RANK_SPLITS, SAMPLING, SPLIT_BUDGET_METHODS, UsageErr
 PROG = "avalanche_distributed_rehearsal.study"
 SCALINGS = ("strong", "weak")
 
+#: what the study compares by default (``--methods all``: every method of the main job)
+STUDY_METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
+                 "ours_local")
+
 #: methods whose results do not depend on M, r or the sampling mode: run once per
 #: (world, split, seed); methods that do not depend on the sampling mode: once per (M, r)
 NO_BUFFER = ("incremental", "from_scratch")
@@ -66,7 +70,7 @@ class StudyConfig:
     samplings: Tuple[str, ...] = ("uniform",)
     rank_splits: Tuple[str, ...] = ("iid", "skewed")
     skew: float = 0.8
-    methods: Tuple[str, ...] = METHODS
+    methods: Tuple[str, ...] = STUDY_METHODS
     seeds: Tuple[int, ...] = (0, 1, 2)
     dataset: str = "digits"
     data_root: str = "data"
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default=None, help=f"comma-separated global sampling modes of ours, among {', '.join(SAMPLING)} (default uniform, so that ours and ours_local differ only in where samples come from)")
     p.add_argument("--rank-splits", default=None, help=f"comma-separated among {', '.join(RANK_SPLITS)} (default both)")
     p.add_argument("--skew", default=None, help=f"skewed split strength in [0, 1] (default {d.skew})")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}, or all (default {','.join(STUDY_METHODS)})")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, or a range like 0-4 (default 0,1,2)")
     p.add_argument("--dataset", default=None, help="the main job's --dataset (default digits)")
     p.add_argument("--data-root", default=None, help="the main job's --data-root")

@@ -34,7 +34,7 @@ LABELS = {"incremental": "incremental", "from_scratch": "from scratch",
 
 #: the per-seed quantities of a cell; bytes per step are means over training steps and ranks
 QUANTITIES = ("final_average_accuracy", "average_forgetting", "train_seconds",
-              "buffer_bytes_per_rank", "payload_sent_per_step", "payload_received_per_step",
+              "buffer_bytes_per_rank", "distinct_samples", "payload_sent_per_step", "payload_received_per_step",
               "metadata_sent_per_step", "metadata_received_per_step")
 
 
@@ -80,6 +80,7 @@ def _seed_entry(method_result: dict, run_id: str) -> dict:
             "average_forgetting": method_result["average_forgetting"],
             "train_seconds": method_result["train_seconds"],
             "buffer_bytes_per_rank": method_result["buffer_bytes_per_rank"],
+            "distinct_samples": method_result.get("distinct_samples_all_ranks") or 0,
             "payload_sent_per_step": t.get("payload_sent", 0.0),
             "payload_received_per_step": t.get("payload_received", 0.0),
             "metadata_sent_per_step": t.get("metadata_sent", 0.0),
@@ -311,6 +312,8 @@ def markdown(doc: dict) -> str:
                         "Train wall time (s, slowest rank), mean ± std")
         lines += _table(doc, split, "buffer_bytes_per_rank", _kib,
                         "Buffer memory per rank (KiB; range over seeds when it varies)")
+        lines += _table(doc, split, "distinct_samples", lambda s: _pm(s, 1, 0),
+                        "Distinct samples stored over all ranks (replicas count once)")
         lines += _table(doc, split, "payload_sent_per_step", _kib,
                         "Payload sent to other ranks per step and rank (KiB)")
         lines += _table(doc, split, "metadata_received_per_step", _kib,
