@@ -110,5 +110,5 @@ def buffer_ops(rank: int, world: int, cfg: dict) -> List[Dict]:
         for name, s in samples.items():
             row[name] = summarize(max_over_ranks(s))
         rows.append(row)
-        del pool
+        pool = buf = None  # free this shape's buffers before the next is built
     return rows

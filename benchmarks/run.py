@@ -12,7 +12,6 @@ import argparse
 import copy
 import datetime
 import importlib
-import json
 import os
 import platform
 import sys

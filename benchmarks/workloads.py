@@ -6,7 +6,7 @@ Imports Avalanche lazily (inside functions), so the torch-only benchmarks never 
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn

@@ -191,7 +191,6 @@ def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
 
     from ..integration import DistributedReplayPlugin
     from ..integration.metrics import buffer_metrics
-    from .stock import distinct_samples
     from .traffic import TrafficMeter
 
     cfg = ctx.cfg
@@ -210,6 +209,8 @@ def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
 def _run_sharded(ctx: Context, name: str, strategy, model, plugin, evaluator, meter) -> MethodResult:
     """Run a method that uses our buffer (``plugin``), then record its footprint, buffer
     metrics and inter-rank traffic; the buffer is closed whatever happens."""
+    from .stock import distinct_samples
+
     try:
         result = _run_stream(ctx, name, strategy, model)
         core = plugin.storage_policy.core
