@@ -208,10 +208,20 @@ def _two_rank_job(rank, world, use_plugin):
     return {"finals": out, "values": _collected(strategy.evaluator)}
 
 
+def _both_two_rank_jobs(rank, world):
+    return {use_plugin: _two_rank_job(rank, world, use_plugin) for use_plugin in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def two_rank_jobs():
+    """Both variants, one after the other in the same two ranks (one launch)."""
+    return run_ranks(_both_two_rank_jobs, 2, timeout=200)
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("use_plugin", [True, False])
-def test_two_ranks_global_values_match_the_shards(use_plugin):
-    res = run_ranks(_two_rank_job, 2, use_plugin, timeout=200)
+def test_two_ranks_global_values_match_the_shards(two_rank_jobs, use_plugin):
+    res = [r[use_plugin] for r in two_rank_jobs]
     n_exp = len(res[0]["finals"])
     for e in range(n_exp):
         local = [r["finals"][e]["local"] for r in res]

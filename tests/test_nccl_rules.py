@@ -123,10 +123,21 @@ def integration_under_cuda_only_default(rank, world, stock):
     return value
 
 
+def integration_with_both_plugins(rank, world):
+    return {stock: integration_under_cuda_only_default(rank, world, stock) for stock in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def sizes_under_cuda_only_default():
+    """Both plugins, one after the other in the same two ranks (one launch)."""
+    return run_ranks(integration_with_both_plugins, 2, backend="cuda:gloo", preimport=AVALANCHE,
+                     timeout=240)
+
+
 @pytest.mark.parametrize("stock", [False, True], ids=["our-plugin", "stock-replay-plugin"])
-def test_plugin_and_metrics_work_when_the_default_group_refuses_cpu_tensors(stock):
-    sizes = run_ranks(integration_under_cuda_only_default, 2, stock, backend="cuda:gloo",
-                      preimport=AVALANCHE, timeout=240)
+def test_plugin_and_metrics_work_when_the_default_group_refuses_cpu_tensors(
+        sizes_under_cuda_only_default, stock):
+    sizes = [r[stock] for r in sizes_under_cuda_only_default]
     assert sizes[0] == sizes[1] and 0 < sizes[0] <= 100
 
 

@@ -167,7 +167,7 @@ def test_classes_beyond_a_shards_slots_are_stored():
 
 def test_kept_classes_are_uniform_over_the_classes_seen():
     hits = Counter()
-    seeds = 150
+    seeds = 100
     for seed in range(seeds):
         union = union_counts(run_threads(run_stream, 2, seed, 20, 50, 10, 6, 8))
         assert len(union) == 20 and set(union.values()) == {1}

@@ -162,11 +162,17 @@ def resume_elsewhere(rank, world, path):
     return {"loaded": loaded, "after": after}
 
 
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    """A checkpoint saved by 2 ranks after two experiences (read-only for its users)."""
+    path = str(tmp_path_factory.mktemp("two-rank") / "run")
+    return path, run_ranks(save_after_two, 2, path, timeout=100)
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("loaded_world", [1, 3])
-def test_two_rank_checkpoint_resumes_on_another_world_size(tmp_path, loaded_world):
-    path = str(tmp_path / "run")
-    saved = run_ranks(save_after_two, 2, path, timeout=100)
+def test_two_rank_checkpoint_resumes_on_another_world_size(two_rank_checkpoint, loaded_world):
+    path, saved = two_rank_checkpoint
     resumed = run_ranks(resume_elsewhere, loaded_world, path, timeout=120)
     saved_union = sorted(row for r in saved for row in r["rows"])
     loaded_union = sorted(row for r in resumed for row in r["loaded"]["rows"])
