@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
+T = TypeVar("T")
 PROG = "avalanche_distributed_rehearsal"
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
 MODELS = ("mlp", "resnet18")
@@ -71,6 +72,19 @@ class Config:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         raise UsageError(message)
+
+
+def parse_or_status(parse: Callable[[Optional[List[str]]], T], argv: Optional[List[str]],
+                    prog: str) -> Tuple[Optional[T], int]:
+    """``(parse(argv), 0)``; ``(None, 2)`` after printing a one-line usage error to stderr;
+    ``(None, 0)`` after ``--help``."""
+    try:
+        return parse(argv), 0
+    except UsageError as e:
+        print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
+        return None, 2
+    except SystemExit as e:  # --help
+        return None, int(e.code or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

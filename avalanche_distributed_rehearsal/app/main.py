@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .cli import PROG, UsageError, parse_args
+from .cli import PROG, UsageError, parse_args, parse_or_status
 
 
 def _is_rank0() -> bool:
@@ -28,13 +28,9 @@ def _quiet_known_warnings() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the main job with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     _quiet_known_warnings()
-    try:
-        cfg = parse_args(argv)
-    except UsageError as e:
-        print(f"{PROG}: error: {e} (see --help)", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    cfg, status = parse_or_status(parse_args, argv, PROG)
+    if cfg is None:
+        return status
     from .data import DataUnavailableError
     from .experiment import run
     from .report import markdown_report

@@ -43,7 +43,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cli import (METHODS, RANK_SPLITS, SAMPLING, SPLIT_BUDGET_METHODS, UsageError, _choice,
-                  _float, _int)
+                  _float, _int, parse_or_status)
 
 PROG = "avalanche_distributed_rehearsal.study"
 SCALINGS = ("strong", "weak")
@@ -450,13 +450,9 @@ def _device_and_backend(world: int) -> Tuple[str, str]:
 # ---------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the study with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    try:
-        cfg = parse_args(argv)
-    except UsageError as e:
-        print(f"{PROG}: error: {e} (see --help)", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    cfg, status = parse_or_status(parse_args, argv, PROG)
+    if cfg is None:
+        return status
     from . import launch
     from .study_report import write_study
 
