@@ -296,6 +296,17 @@ def test_dictionary_minibatches(bench, fields):
     assert seen["rows"]["note"] == len("not a tensor")  # non-tensor entries untouched
 
 
+def test_dictionary_minibatch_missing_a_field_is_refused_before_anything_is_stored(bench):
+    plugin = DistributedReplayPlugin(mem_size=30, batch_size_mem=5,
+                                     fields={"input": "pixels", "label": "no-such-key"})
+    strategy = make(DictNaive, [plugin])
+    with pytest.raises(ValueError, match="no entry 'no-such-key' for field 'label'"):
+        strategy.train(bench.train_stream[0])
+    core = plugin.storage_policy.core
+    assert core is None or len(core) == 0
+    plugin.close()
+
+
 def test_post_adapt_inserts_dictionary_samples():
     from types import SimpleNamespace
 
