@@ -287,10 +287,7 @@ class ShardedRehearsalBuffer:
         if mine is None:
             layout = RecordLayout.from_description(known)
             self.storage.allocate(layout)
-            label = layout.fields.get(LABEL)
-            if self.keys.policy is None:
-                self.keys.policy = ("class_balanced" if label is not None and label.shape == ()
-                                    and not label.dtype.is_floating_point else "reservoir")
+            self.keys.decide_from_layout(layout)
 
     def _gather(self, kind: int, step: int, excluded: tuple, context: StepContext) -> ClassTable:
         """Collective (metadata group): every rank's per-class counts, checked for

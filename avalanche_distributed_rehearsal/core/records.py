@@ -28,10 +28,16 @@ LABEL, TASK, INPUT = "label", "task", "input"
 INSERTION_POLICIES = ("auto", "class_balanced", "reservoir")
 
 
+def _class_label_kind(sample_shape: tuple, dtype: torch.dtype) -> bool:
+    """Whether per-sample ``sample_shape`` and ``dtype`` are those of a class label: one
+    integer per sample."""
+    return (sample_shape == () and not dtype.is_floating_point and not dtype.is_complex
+            and dtype != torch.bool)
+
+
 def is_class_labels(values: Optional[torch.Tensor]) -> bool:
     """Whether ``values`` are class labels: an integer tensor of shape ``(n,)``."""
-    return (values is not None and values.dim() == 1 and not values.is_floating_point()
-            and not values.is_complex() and values.dtype != torch.bool)
+    return values is not None and values.dim() == 1 and _class_label_kind((), values.dtype)
 
 
 def as_record(inputs, labels=None, task_labels=None, extra: Optional[Mapping] = None
@@ -171,6 +177,14 @@ class InsertionKeys:
             raise ValueError("insertion='class_balanced' needs a 'label' field of integer class "
                              "labels of shape (n,); use insertion='reservoir' (or 'auto') for "
                              "other targets")
+
+    def decide_from_layout(self, layout: RecordLayout) -> None:
+        """Fix an ``"auto"`` policy from a layout learnt from another rank (no batch seen
+        here yet): the same rule as :meth:`decide`, read from the stored ``label`` field."""
+        if self.policy is None:
+            label = layout.fields.get(LABEL)
+            by_class = label is not None and _class_label_kind(tuple(label.shape), label.dtype)
+            self.policy = "class_balanced" if by_class else "reservoir"
 
     def keys(self, labels_cpu: Optional[torch.Tensor], n: int) -> list:
         """The ``n`` keys of a batch whose class labels (CPU int64) are ``labels_cpu``."""
