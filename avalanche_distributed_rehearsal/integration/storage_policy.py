@@ -11,10 +11,10 @@ from avalanche.benchmarks.utils.classification_dataset import (
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
-from ..core import RehearsalPipeline, Sampler, ShardedRehearsalBuffer, split_budget
+from ..core import RehearsalPipeline, ShardedRehearsalBuffer, split_budget
 from ..core.layout import RecordLayout
-from ..core.records import INPUT, LABEL, TASK, check_dtypes
-from ..core.sampling import SAMPLING_MODES
+from ..core.records import INPUT, INSERTION_POLICIES, LABEL, TASK, check_dtypes
+from ..core.sampling import make_sampler
 from ..core.validation import NONFINITE_POLICIES, check_choice, check_int
 from .batches import BatchFields
 
@@ -81,9 +81,8 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
                  timeout: Optional[float] = None, fields: Optional[dict] = None,
                  dtypes: Optional[dict] = None, insertion: str = "auto"):
         check_int("max_size", max_size, 1)
-        if not isinstance(sampling, Sampler):
-            check_choice("sampling", sampling, SAMPLING_MODES)
-        check_choice("insertion", insertion, ("auto", "class_balanced", "reservoir"))
+        make_sampler(sampling)  # validates a name or a Sampler; the shard makes its own
+        check_choice("insertion", insertion, INSERTION_POLICIES)
         self.fields = BatchFields(fields)
         self.dtypes = check_dtypes(dtypes)
         self.insertion = insertion
