@@ -98,15 +98,18 @@ def _evaluator(metrics=(), loggers=()):
         return EvaluationPlugin(*metrics, loggers=list(loggers))
 
 
+def _strategy_class(ctx: Context, cls):
+    """``cls`` as the run trains it: on the rank's own data with ``--rank-split skewed``."""
+    from .split import rank_local
+
+    return rank_local(cls) if ctx.rank_local else cls
+
+
 def _naive(ctx: Context, model: nn.Module, plugins=(), evaluator=None, cls=None):
     from avalanche.training.supervised import Naive
 
-    from .split import rank_local
-
     cfg = ctx.cfg
-    cls = cls or Naive
-    if ctx.rank_local:
-        cls = rank_local(cls)
+    cls = _strategy_class(ctx, cls or Naive)
     return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
                criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.batch_size,
                train_epochs=cfg.epochs, eval_mb_size=512, device=ctx.device,
@@ -243,12 +246,6 @@ def _der_arguments(ctx: Context, model: nn.Module) -> dict:
                 batch_size_mem=max(1, cfg.replay_mb), alpha=cfg.der_alpha, beta=cfg.der_beta,
                 train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=512,
                 device=ctx.device, eval_every=-1)
-
-
-def _strategy_class(ctx: Context, cls):
-    from .split import rank_local
-
-    return rank_local(cls) if ctx.rank_local else cls
 
 
 def stock_der(ctx: Context) -> MethodResult:

@@ -23,8 +23,6 @@ from typing import Dict, List, Sequence
 
 import torch
 
-RANK_SPLITS = ("iid", "skewed")
-
 
 def home_ranks(n_classes: int, world: int) -> List[List[int]]:
     """The home ranks of each of an experience's ``n_classes`` classes (by position ``j``
