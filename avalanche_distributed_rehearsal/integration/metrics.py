@@ -152,8 +152,13 @@ class _BufferMetric(GenericPluginMetric):
         name = get_metric_name(self, strategy, add_task=False)
         x = strategy.clock.train_iterations
         if isinstance(value, dict):
-            return [MetricValue(self, name + str(k), v, x) for k, v in value.items()]
+            return [MetricValue(self, name + self._key_suffix(k), v, x) for k, v in value.items()]
         return [MetricValue(self, name, value, x)]
+
+    @staticmethod
+    def _key_suffix(key) -> str:
+        """The name suffix of a dict value's ``key``."""
+        return str(key)
 
 
 class _SnapshotMetric(_BufferMetric):
@@ -233,13 +238,9 @@ class BufferClassCounts(_CountsMetric):
         counts = self._counts(strategy, newest)
         return None if counts is None else dict(sorted(counts.items()))
 
-    def _package_result(self, strategy):
-        value = self.result()
-        if value is None:
-            return None
-        name = get_metric_name(self, strategy, add_task=False)
-        x = strategy.clock.train_iterations
-        return [MetricValue(self, f"{name}/Class{c}", n, x) for c, n in value.items()]
+    @staticmethod
+    def _key_suffix(key) -> str:
+        return f"/Class{key}"
 
 
 class BytesPerSample(_SnapshotMetric):
