@@ -165,12 +165,12 @@ def run(cfg: Config) -> Dict[str, object]:
                 res.train_seconds, bytes_max = _reduce(
                     [res.train_seconds, res.buffer_bytes_per_rank], group, device, world)
                 res.buffer_bytes_per_rank = int(bytes_max)
-                if name in BUFFER_METHODS:  # every rank takes part, traffic or not
-                    t = res.traffic or {}
-                    mean = _reduce([t.get(k, 0.0) for k in TRAFFIC_KEYS] + [float(bool(t))],
-                                       group, device, world, op="mean")
-                    res.traffic = (dict(zip(TRAFFIC_KEYS, mean[:-1]), steps=t.get("steps"))
-                                   if mean[-1] == 1.0 else None)
+                # every method, every rank (traffic or not): der meters its buffer too
+                t = res.traffic or {}
+                mean = _reduce([t.get(k, 0.0) for k in TRAFFIC_KEYS] + [float(bool(t))],
+                               group, device, world, op="mean")
+                res.traffic = (dict(zip(TRAFFIC_KEYS, mean[:-1]), steps=t.get("steps"))
+                               if mean[-1] == 1.0 else None)
                 results[name] = res
         finally:
             if bar is not None:
