@@ -93,3 +93,30 @@ def test_ranks_running_different_numbers_of_steps_fail_at_once():
         assert "out of step" in message, message
         assert "iteration 0 of 5" in message and "iteration 0 of 9" in message, message
         assert seconds < 60  # at the first gather, not after a timeout
+
+
+
+def learns_layout_during_take(rank, world, sim, stored_at_error):
+    from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
+
+    buf = ShardedRehearsalBuffer(20, seed=0, exchange=sim.exchange(rank))
+    if rank == 0:  # e.g. a shard loaded from a checkpoint: rank 1 has no layout yet
+        buf.insert(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    pipe = RehearsalPipeline(buf, 2, 4, async_mode=False)
+    width = 3 if rank == 0 else 5  # rank 1's batch does not fit the layout it will learn
+    try:
+        pipe.augment(torch.randn(6, width), torch.tensor([0, 1, 2, 0, 1, 2]))
+    except ValueError:
+        stored_at_error[rank] = (len(buf), buf.class_counts())
+        raise
+    finally:
+        pipe.close()
+
+
+def test_a_batch_checked_before_take_is_checked_again_when_take_learns_the_layout():
+    """augment() checks the batch before take(); when take() learns the sample layout from
+    another rank, the candidates are checked against it before anything is stored."""
+    stored_at_error = {}
+    with pytest.raises(ValueError, match=r"per-sample shape \(3,\).*got \(5,\)"):
+        run_threads(learns_layout_during_take, 2, stored_at_error, timeout=30)
+    assert stored_at_error == {1: (0, {})}  # nothing stored on the rank that refused

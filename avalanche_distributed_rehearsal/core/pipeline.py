@@ -88,6 +88,7 @@ class RehearsalPipeline:
         self._pending: Optional[Future] = None
         self._ready: Optional[Prepared] = None
         self._taken = False  # take() ran for the current step; offer() must follow
+        self._layout_before_take = None  # buffer.layout when take() began (see offer)
         self.excluded: tuple = ()
         self.wait_seconds = 0.0
         self.last_representatives = 0
@@ -106,6 +107,7 @@ class RehearsalPipeline:
         device = torch.device(device)
         if device.type == "cuda":
             self.worker.use_device(device)  # a side stream, CPU shards included
+        self._layout_before_take = self.buffer.layout
         reps = self._take(device, context)
         self._taken = True
         self._device = device
@@ -113,19 +115,18 @@ class RehearsalPipeline:
         return reps
 
     def offer(self, record: Optional[Mapping[str, torch.Tensor]] = None,
-              context: StepContext = StepContext()) -> None:
+              context: StepContext = StepContext(), checked: bool = False) -> None:
         """Step ``i``, part 2: offer ``c`` random rows of ``record`` (a record batch, see
         :mod:`~.records`; None offers nothing) and prepare ``R_{i+1}`` in the background.
 
         The candidate rows are copied before the call returns: the caller may reuse its
         tensors freely. A malformed record raises before anything changes (the step can
-        be offered again)."""
-        if record is not None:
+        be offered again). ``checked=True``: the caller already ran
+        ``buffer.check_record`` on this very record in this step, before :meth:`take`
+        (should ``take`` have learnt the layout from another rank since, the record is
+        checked again at insertion)."""
+        if record is not None and not checked:
             self.buffer.check_record(record)
-        self._offer(record, context)
-
-    def _offer(self, record: Optional[Mapping[str, torch.Tensor]], context: StepContext) -> None:
-        """:meth:`offer` of a record already checked."""
         if self.worker.closed:
             raise RuntimeError("the rehearsal pipeline is closed")
         if not self._taken:
@@ -133,7 +134,8 @@ class RehearsalPipeline:
         candidates = self._candidates(record)
         names = list(candidates)
         job_step, excluded, device = self.step + 1, self.excluded, self._device
-        checked_against = self.buffer.layout  # the layout the record was checked against
+        # the layout the record was checked against
+        checked_against = self._layout_before_take if checked else self.buffer.layout
         if self.async_mode:
             self._pending = self.worker.submit(
                 lambda *values: self._job(dict(zip(names, values)), job_step, device, excluded,
@@ -160,7 +162,7 @@ class RehearsalPipeline:
         if task_labels is None:  # targets that are not class labels, no task labels
             task_labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device)
         reps = self.take(inputs.device, context)
-        self._offer(record if offer else None, context)
+        self.offer(record if offer else None, context, checked=True)
         if not reps:
             return inputs, labels, task_labels
         d = reps[INPUT].shape[0]

@@ -198,7 +198,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.replayed_rows = pipeline.last_representatives
         offer = record if self._offering(strategy) else None
         if self.store_outputs is None:
-            pipeline.offer(offer, context)
+            pipeline.offer(offer, context, checked=True)  # checked above, before take()
         else:
             self._record = (offer, context)
 
