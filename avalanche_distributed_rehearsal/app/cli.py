@@ -149,6 +149,14 @@ def _float(name: str, text, minimum: float, strict: bool) -> float:
     return value
 
 
+def _fraction(name: str, text) -> float:
+    """A number in [0, 1]."""
+    value = _float(name, text, 0.0, strict=False)
+    if value > 1:
+        raise UsageError(f"{name} must be in [0, 1], got {text}")
+    return value
+
+
 def _choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -206,7 +214,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         synthetic_classes=_int("--synthetic-classes", a.synthetic_classes, 2),
         n_experiences=_int("--n-experiences", a.n_experiences, 1),
         rank_split=_choice("--rank-split", a.rank_split, RANK_SPLITS),
-        skew=_float("--skew", a.skew, 0.0, strict=False),
+        skew=_fraction("--skew", a.skew),
         model=_choice("--model", a.model, MODELS),
         hidden=_int("--hidden", a.hidden, 1),
         methods=_methods(a.methods),
@@ -227,8 +235,6 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         threads=None if a.threads is None else _int("--threads", a.threads, 1),
         backend=_backend(a.backend),
     )
-    if cfg.skew > 1:
-        raise UsageError(f"--skew must be in [0, 1], got {cfg.skew}")
     if cfg.momentum >= 1:
         raise UsageError(f"--momentum must be smaller than 1, got {cfg.momentum}")
     if cfg.model == "resnet18" and (cfg.dataset == "digits" or

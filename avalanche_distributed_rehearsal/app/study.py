@@ -43,7 +43,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cli import (METHODS, RANK_SPLITS, SAMPLING, SPLIT_BUDGET_METHODS, UsageError, _choice,
-                  _float, _int, parse_or_status)
+                  _float, _fraction, _int, parse_or_status)
 
 PROG = "avalanche_distributed_rehearsal.study"
 SCALINGS = ("strong", "weak")
@@ -211,9 +211,7 @@ def parse_args(argv: Optional[List[str]] = None) -> StudyConfig:
     if a.rank_splits is not None:
         cfg.rank_splits = _names("--rank-splits", a.rank_splits, RANK_SPLITS)
     if a.skew is not None:
-        cfg.skew = _float("--skew", a.skew, 0.0, strict=False)
-        if cfg.skew > 1:
-            raise UsageError(f"--skew must be in [0, 1], got {a.skew}")
+        cfg.skew = _fraction("--skew", a.skew)
     if a.methods is not None:
         cfg.methods = _names("--methods", a.methods, METHODS, allow_all=True)
     if a.seeds is not None:
@@ -321,14 +319,20 @@ def load_run(root: str, spec: RunSpec, cfg: StudyConfig) -> Optional[dict]:
     return record
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the
+    old file or the new one, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------- the ranks

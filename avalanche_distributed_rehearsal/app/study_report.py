@@ -467,7 +467,7 @@ PLOTS = ("accuracy_vs_world.png", "memory_traffic_vs_world.png", "train_time_vs_
 def write_study(cfg, runs, root: str, invocation: dict) -> List[str]:
     """Write ``study.json``, ``study.md`` and (with ``cfg.plots``) the plots into ``root``,
     appending ``invocation`` to the history kept in the previous ``study.json``."""
-    from .study import write_json_atomic
+    from .study import write_json_atomic, write_text_atomic
 
     path = os.path.join(root, "study.json")
     history: List[dict] = []
@@ -479,9 +479,7 @@ def write_study(cfg, runs, root: str, invocation: dict) -> List[str]:
     doc = build(cfg, runs, root, history + [invocation])
     write_json_atomic(path, doc)
     paths = [path, os.path.join(root, "study.md")]
-    with open(paths[1] + ".tmp", "w") as f:
-        f.write(markdown(doc))
-    os.replace(paths[1] + ".tmp", paths[1])
+    write_text_atomic(paths[1], markdown(doc))
     if cfg.plots and doc["cells"]:
         p = [os.path.join(root, name) for name in PLOTS]
         _per_split_plot(doc, p[0], "final_average_accuracy", "final avg. accuracy (%)", 100,
