@@ -8,23 +8,24 @@ from .draw import DrawRecord, ExchangeStats, PreparedDraw
 from .exchange import (LocalExchange, ProcessGroupExchange, default_exchange,
                        process_group_timeout, serves)
 from .layout import RecordLayout
-from .metadata import ClassTable, OutOfStepError, StepContext
+from .ledger import ClassLedger, CountsSnapshot, SingleLedger, make_ledger
+from .metadata import OutOfStepError, PeerError, StepContext
 from .pipeline import RehearsalPipeline
-from .quotas import ClassBudget, QuotaPlanner, deal_quotas
+from .quotas import ClassBudget
 from .records import INSERTION_POLICIES, InsertionKeys, as_record, check_record, layout_for
-from .reservoir import ClassBalancedReservoir
-from .sampling import (SAMPLING_MODES, ClassBalancedSampler, LocalSampler, Sampler,
+from .reservoir import LocalReservoir
+from .sampling import (SAMPLING_MODES, ClassBalancedSampler, Eligible, LocalSampler, Sampler,
                        SamplingPlan, UniformSampler, make_sampler, plan_draws, sample_distinct)
 from .storage import ShardStorage
 from .worker import BackgroundWorker, WorkerTimeoutError
 
 __all__ = [
-    "BackgroundWorker", "ClassBalancedReservoir", "ClassBalancedSampler", "ClassBudget",
-    "ClassTable", "DrawRecord", "ExchangeStats", "INSERTION_POLICIES", "InsertionKeys",
-    "LocalExchange", "LocalSampler", "OutOfStepError", "PreparedDraw", "ProcessGroupExchange",
-    "QuotaPlanner", "RecordLayout", "RehearsalPipeline", "SAMPLING_MODES", "Sampler",
-    "SamplingPlan", "ShardStorage", "ShardedRehearsalBuffer", "StepContext", "UniformSampler",
-    "WorkerTimeoutError", "as_record", "check_record", "deal_quotas", "default_exchange",
-    "layout_for", "make_sampler", "plan_draws", "process_group_timeout", "sample_distinct",
-    "serves", "split_budget",
+    "BackgroundWorker", "ClassBalancedSampler", "ClassBudget", "ClassLedger", "CountsSnapshot",
+    "DrawRecord", "Eligible", "ExchangeStats", "INSERTION_POLICIES", "InsertionKeys",
+    "LocalExchange", "LocalReservoir", "LocalSampler", "OutOfStepError", "PeerError",
+    "PreparedDraw", "ProcessGroupExchange", "RecordLayout", "RehearsalPipeline",
+    "SAMPLING_MODES", "Sampler", "SamplingPlan", "ShardStorage", "ShardedRehearsalBuffer",
+    "SingleLedger", "StepContext", "UniformSampler", "WorkerTimeoutError", "as_record",
+    "check_record", "default_exchange", "layout_for", "make_ledger", "make_sampler",
+    "plan_draws", "process_group_timeout", "sample_distinct", "serves", "split_budget",
 ]

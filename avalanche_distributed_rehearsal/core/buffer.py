@@ -3,45 +3,105 @@
 :class:`ShardedRehearsalBuffer` composes small parts, each in its own module:
 
 * storage (:mod:`.storage`): preallocated fixed-width records, lazily shaped;
-* insertion (:mod:`.records` keys + :mod:`.reservoir` slots + :mod:`.quotas` budgets);
+* the replicated per-class ledger (:mod:`.ledger`, quotas from :mod:`.deal`) and this
+  rank's slots (:mod:`.reservoir`): insertion;
 * sampling (:mod:`.sampling`): a :class:`~.sampling.Sampler` plans every rank's draws;
-* agreement (:mod:`.metadata`): the per-step header and counts, checked across ranks;
-* exchange (:mod:`.exchange`): every collective;
-* the draw itself (:mod:`.draw`) and elastic loading (:mod:`.elastic`).
+* the step's metadata and its checks (:mod:`.metadata`);
+* the data side of a step (:mod:`.draw`) and every collective (:mod:`.exchange`);
+* elastic loading (:mod:`.elastic`).
+
+**A step** (:meth:`ShardedRehearsalBuffer.step`) draws ``r`` representatives for every
+rank and inserts this rank's candidates, as one straight sequence of stages:
+
+1. *candidates*: value checks of this rank's candidate rows, their class keys;
+2. *plan*: every rank's draws, from the replicated ledger (before this step's insertion)
+   and a generator seeded by ``(seed, step)``;
+3. *serve*: gather the records this rank sends;
+4. *exchange*: one collective carrying every rank's metadata (header and candidate keys)
+   and the records;
+5. *agree*: check every rank's header (position, configuration, exclusion, layout, ledger);
+6. *insert*: every rank applies every rank's keys to the ledger (the same counts on every
+   rank), this rank writes its candidates into the slots it decided;
+7. *assemble*: the received records in draw order, on the caller's device.
+
+The exchange's sizes depend only on state every rank verified at an earlier exchange
+(the ledger, the configuration, the step, the excluded classes announced one step ahead),
+so a disagreement between ranks is reported at step 5 on every rank, never a cause of
+mismatched transfers. Two protocols carry the metadata:
+
+* ``"fast"`` (the pipeline's steady state): metadata and records in the same collective;
+  the plan uses the exclusion announced at the previous exchange;
+* ``"sync"`` (the first step, after a load or resize, direct :meth:`draw`/:meth:`insert`
+  calls, CUDA shards): a small metadata gather first, checked, then the records. With a
+  CUDA shard the records' collective is left to the caller (:meth:`complete_step`), so
+  that the training thread launches it (see :mod:`.pipeline`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Dict, Iterable, List, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .draw import DrawRecord, ExchangeStats, PreparedDraw, complete, prepare, served_slots
-from .elastic import union_share
+from .candidates import Candidates
+from .draw import (DrawRecord, ExchangeStats, PreparedDraw, assemble, compose, exchange_records,
+                   serve, serve_own, served_slots, split_message)
+from .elastic import union_shares
 from .exchange import default_exchange
 from .layout import RecordLayout
-from .metadata import DRAW, REFRESH, ClassTable, MetadataChannel, StepContext, digest
-from .quotas import QuotaPlanner
+from .ledger import ledger_from_shares, make_ledger
+from .phases import PhaseClock
+from .metadata import (BAD_LABELS, BAD_VALUES, HEADER, NONFINITE, STEP, SYNC, StepContext,
+                       check_agreement, decode, digest, encode)
 from .records import (INPUT, LABEL, TASK, InsertionKeys, as_record, check_dtypes, check_record,
-                      layout_for)
-from .reservoir import ClassBalancedReservoir
-from .sampling import Sampler, make_sampler
-from .seeding import ELASTIC, INSERTION, PLAN, derive_seed, generator
+                      is_class_labels, layout_for)
+from .reservoir import LocalReservoir
+from .sampling import (Eligible, LocalSampler, Sampler, UniformSampler, make_sampler,
+                       sample_one_rank)
+from .seeding import ELASTIC, INSERTION, PLAN, derive_seed
 from .storage import ShardStorage
-from .validation import (NONFINITE_POLICIES, check_choice, check_int, check_label_values,
-                         finite_rows, to_int64_cpu)
+from .validation import (NONFINITE_POLICIES, all_finite, check_choice, check_int,
+                         check_storage_values, finite_rows, label_list_error, to_int64_cpu)
 
 __all__ = ["DrawRecord", "ExchangeStats", "PreparedDraw", "ShardedRehearsalBuffer",
            "split_budget", "INPUT", "LABEL", "TASK"]
 
-STATE_VERSION = 3
+STATE_VERSION = 4
+PROTOCOLS = ("sync", "fast")
+#: Samplers whose plan reads only every rank's number of eligible samples.
+_TOTALS_ONLY = (UniformSampler, LocalSampler)
 
 
 def split_budget(total: int, world_size: int, rank: int) -> int:
     """Rank ``rank``'s share of a global budget: ``total // world`` plus one for the first
     ``total % world`` ranks, so the shares add up to ``total`` exactly."""
     return total // world_size + (1 if rank < total % world_size else 0)
+
+
+@dataclass
+class Channel:
+    """What the ranks agreed at the last exchange (the same on every rank).
+
+    ``synced``: a synchronising step ran since the buffer was created, loaded or resized
+    (until then the fast protocol is not used); ``step``: the last step exchanged;
+    ``next_excluded``: the exclusion this rank announced for the next step's plan (every
+    rank announced the same); ``seq``: exchanges so far."""
+
+    seq: int = 0
+    synced: bool = False
+    step: int = -1
+    next_excluded: tuple = ()
+
+
+@dataclass
+class StepState:
+    """One step in flight between :meth:`~ShardedRehearsalBuffer.prepare_step` and
+    :meth:`~ShardedRehearsalBuffer.complete_step` (a CUDA shard's records not exchanged)."""
+
+    prepared: PreparedDraw
+    records: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
 
 
 class ShardedRehearsalBuffer:
@@ -57,25 +117,27 @@ class ShardedRehearsalBuffer:
         seed: the same on every rank (streams: :mod:`~.seeding`).
         device: where the shard lives (``"cpu"`` or a CUDA device).
         exchange: the collectives to use; default :func:`~.exchange.default_exchange`
-            (none without a process group; gloo for metadata, and for the payload of a
-            CPU shard; the default group's CUDA backend for the payload of a CUDA shard).
-        nonfinite: ``"raise"`` rejects a batch whose floating-point fields hold NaN or
-            Inf; ``"skip"`` drops those rows and keeps the rest.
+            (none without a process group; two gloo groups for a CPU shard; a gloo group
+            for metadata and the default group's CUDA backend for a CUDA shard's records).
+        nonfinite: ``"raise"`` rejects a step whose candidates' floating-point fields hold
+            NaN or Inf (on every rank, nothing inserted); ``"skip"`` drops those rows.
         timeout: seconds after which a collective fails; default the process group's.
-        config: extra settings that must agree across ranks (checked at every gather).
+        config: extra settings that must agree across ranks (checked at every step).
         payload_backend: backend of the payload group of a CUDA shard.
         dtypes: storage dtype per field, e.g. ``{"logits": torch.float16}`` (default: the
             dtype of the first batch; class and task labels are int64).
         insertion: ``"auto"`` (class-balanced for integer class labels, else a plain
             reservoir), ``"class_balanced"`` or ``"reservoir"`` (see :mod:`~.records`).
+        budget_name: the name under which the caller took ``mem_size`` (error messages).
 
-    Samples are records of named fields (:mod:`~.records`). Per-class budgets are global
-    (:mod:`~.quotas`): every gather of per-class counts (each draw makes one) updates this
-    rank's quotas, so the union of the shards stays balanced over every class any rank
-    has seen, also with more classes than slots.
+    Samples are records of named fields (:mod:`~.records`). Every rank keeps the same
+    ledger of every shard's per-class counts (:mod:`~.ledger`), so per-class quotas are
+    global and known before anything is inserted.
 
-    Thread-safety: one thread at a time (the rehearsal pipeline serialises calls), except
-    that :meth:`complete_draw` may run on another thread than :meth:`prepare_draw`.
+    Collectives (with more than one rank): :meth:`step`, :meth:`draw`, :meth:`insert`,
+    :meth:`resize`; every rank calls them in the same order. Thread-safety: one thread at
+    a time (the rehearsal pipeline serialises calls), except that :meth:`complete_step`
+    may run on another thread than :meth:`prepare_step`.
     """
 
     def __init__(self, mem_size: int, sampling="uniform", seed: int = 0,
@@ -83,8 +145,9 @@ class ShardedRehearsalBuffer:
                  nonfinite: str = "raise", pin_memory: Optional[bool] = None,
                  timeout: Optional[float] = None, config: Optional[dict] = None,
                  payload_backend: Optional[str] = None,
-                 dtypes: Optional[Mapping[str, torch.dtype]] = None, insertion: str = "auto"):
-        check_int("mem_size", mem_size, 1)
+                 dtypes: Optional[Mapping[str, torch.dtype]] = None, insertion: str = "auto",
+                 budget_name: str = "mem_size"):
+        check_int(budget_name, mem_size, 1)
         self.sampler: Sampler = make_sampler(sampling)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         check_int("seed", seed, 0)
@@ -93,27 +156,37 @@ class ShardedRehearsalBuffer:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         device = torch.device(device)
+        world = exchange.world_size if exchange is not None else _default_world()
+        if mem_size < world:
+            raise ValueError(f"{budget_name} ({mem_size}) must be at least the world size "
+                             f"({world}) so that every rank stores a sample")
         if exchange is None:
             exchange = default_exchange(device, timeout, payload_backend)
         self.exchange = exchange
         self.rank = self.exchange.rank
         self.world_size = self.exchange.world_size
-        if mem_size < self.world_size:
-            raise ValueError(f"mem_size ({mem_size}) must be at least the world size "
-                             f"({self.world_size}) so that every rank stores a sample")
+        self.budget_name = budget_name
         self.mem_size = mem_size
         self.seed = seed
         self.nonfinite = nonfinite
         self.storage = ShardStorage(split_budget(mem_size, self.world_size, self.rank), device,
                                     pin_memory=pin_memory)
-        self.planner = QuotaPlanner(mem_size, self._capacities(mem_size), self.rank, seed)
-        self.reservoir = self._new_reservoir(self.storage.capacity,
-                                             derive_seed(seed, self.rank, INSERTION))
-        self.channel = MetadataChannel()
+        self.ledger = make_ledger(mem_size, self._capacities(mem_size), seed)
+        self.reservoir = LocalReservoir(self.storage.capacity,
+                                        seed=derive_seed(seed, self.rank, INSERTION))
+        self.channel = Channel()
+        self._plan_generator = torch.Generator()
         self.config = dict(config or {})
-        self.last_table: Optional[ClassTable] = None
+        #: Most candidates one step may offer: the width of the fast protocol's metadata
+        #: (set by the pipeline; part of :meth:`public_config`, so agreed by every rank).
+        self.max_candidates = 0
+        #: Representatives per step of the pipeline's steps (part of :meth:`public_config`).
+        self.step_r = 0
         self.last_exchange = ExchangeStats()
         self.last_draw: Optional[DrawRecord] = None
+        self.last_written = 0  # rows the last step wrote into this shard
+        #: a :class:`~.phases.PhaseClock` to time the stages of every step (None: off)
+        self.phase_clock: Optional[PhaseClock] = None
         self.rejected_nonfinite = 0
 
     @property
@@ -124,11 +197,6 @@ class ShardedRehearsalBuffer:
     def _capacities(self, mem_size: int) -> List[int]:
         return [split_budget(mem_size, self.world_size, w) for w in range(self.world_size)]
 
-    def _new_reservoir(self, capacity: int, seed: int) -> ClassBalancedReservoir:
-        provider = None if self.world_size == 1 else self.planner.quotas
-        return ClassBalancedReservoir(capacity, seed=seed, class_seed=self.seed,
-                                      quota_provider=provider)
-
     def public_config(self) -> dict:
         """The settings every rank must share (JSON-able)."""
         dtypes = {k: str(v).replace("torch.", "") for k, v in sorted(self.dtypes.items())}
@@ -138,25 +206,15 @@ class ShardedRehearsalBuffer:
         return {"mem_size": self.mem_size, "sampling": self.sampling, "seed": self.seed,
                 "nonfinite": self.nonfinite, **extra, **self.config}
 
-    def resize(self, mem_size: int) -> None:
-        """Change the global budget. Shrinking evicts class-balanced (largest class first).
-
-        Every rank must resize to the same budget before the next draw.
-        """
-        check_int("mem_size", mem_size, 1)
-        if mem_size < self.world_size:
-            raise ValueError(f"mem_size ({mem_size}) must be at least the world size "
-                             f"({self.world_size})")
-        capacity = split_budget(mem_size, self.world_size, self.rank)
-        self.planner.resize(mem_size, self._capacities(mem_size))
-        if capacity < self.reservoir.size:
-            keep = self.reservoir.shrink(capacity)
-            self.storage.resize(capacity, torch.tensor(keep, dtype=torch.int64))
-        else:
-            self.reservoir.grow(capacity)
-            self.storage.resize(capacity)
-        self.mem_size = mem_size
-        self.reservoir.refresh_quotas()
+    def _config_digest(self) -> int:
+        """Digest of everything every rank must share at every step: the public settings,
+        and the pipeline's step shape (representatives and candidates per step)."""
+        key = (self.mem_size, self.max_candidates, self.step_r, tuple(sorted(self.config.items())))
+        cached = getattr(self, "_config_cache", None)
+        if cached is None or cached[0] != key:
+            shape = {"max_candidates": self.max_candidates, "step_r": self.step_r}
+            cached = self._config_cache = (key, digest([self.public_config(), shape]))
+        return cached[1]
 
     # ------------------------------------------------------------------ local state
     @property
@@ -186,6 +244,11 @@ class ShardedRehearsalBuffer:
         """Stored samples per class key on this rank (key 0 for a plain reservoir)."""
         return {c: n for c, n in self.reservoir.class_counts().items() if n}
 
+    def global_counts(self) -> Dict[int, int]:
+        """``{label: stored}`` summed over all shards (classes with samples). Not
+        collective: every rank holds every shard's counts."""
+        return self.ledger.class_counts()
+
     def local_tensors(self) -> Dict[str, torch.Tensor]:
         """Views of every stored field of this shard (length ``len(self)``).
 
@@ -195,7 +258,7 @@ class ShardedRehearsalBuffer:
             return {}
         return self.storage.fields()
 
-    # ------------------------------------------------------------------ insertion
+    # ------------------------------------------------------------------ checks
     def check_record(self, record: Mapping[str, torch.Tensor], missing: Iterable[str] = ()) -> int:
         """Structural checks of a record batch (reads no tensor value); returns ``n``.
         ``missing``: stored fields the record may lack for now (added before insertion)."""
@@ -203,158 +266,455 @@ class ShardedRehearsalBuffer:
         if self.storage.layout is None and not missing:
             probe = InsertionKeys(self.keys.policy or self.keys.requested)
             probe.decide(record)
+        if self.sampler.by_class and LABEL in record and not is_class_labels(record[LABEL]):
+            label = record[LABEL]
+            raise ValueError(f"sampling={self.sampler.name!r} draws by class: it needs a 'label' "
+                             "field of integer class labels of shape (n,), got "
+                             f"{str(label.dtype).replace('torch.', '')} {tuple(label.shape)}; "
+                             "use sampling='uniform' for other targets")
         return n
 
     def check_insert(self, inputs, labels=None, task_labels=None, **fields) -> int:
         """:meth:`check_record` of the record :meth:`insert` would build."""
         return self.check_record(as_record(inputs, labels, task_labels, fields))
 
-    def insert(self, inputs, labels=None, task_labels=None, **fields) -> int:
-        """Offer every row of a batch to the shard, in order; return how many were written.
-
-        Not collective. Either ``insert(inputs, labels, task_labels, **extra_fields)``:
-            inputs ``(n, *sample_shape)``, labels ``(n,)`` integer class labels in
-            ``[0, 2**63 - 1]`` (or any other targets, stored by a plain reservoir),
-            task_labels ``(n,)`` integers ``>= 0`` (default zeros with class labels),
-            extra fields ``(n, ...)`` (e.g. ``logits=``);
-        or ``insert(record)`` with a mapping of field names to ``(n, ...)`` tensors.
-        Tensors may live on any device; they are copied (cast to the storage dtypes),
-        never kept. Raises before changing anything if an argument is malformed.
-        """
-        return self.insert_record(as_record(inputs, labels, task_labels, fields))
-
-    def insert_record(self, record: Mapping[str, torch.Tensor], checked: bool = False) -> int:
-        """:meth:`insert` for a record batch (a mapping of field names to tensors).
-
-        ``checked=True``: the caller already ran :meth:`check_record` on this record and
-        the layout has not changed since (the pipeline's own candidates)."""
-        n = next(iter(record.values())).shape[0] if checked else self.check_record(record)
-        keys_policy = self.keys
-        if self.storage.layout is None:
-            keys_policy.decide(record)
-        labels = record.get(LABEL)
-        labels_cpu = to_int64_cpu("labels", labels) if keys_policy.by_class else None
-        tasks_cpu = to_int64_cpu("task_labels", record[TASK]) if TASK in record else None
-        check_label_values(labels_cpu, tasks_cpu)
+    # ------------------------------------------------------------------ stage 1: candidates
+    def _candidates(self, offered):
+        """``(candidates, keys, error, exception)``: this rank's candidates (a
+        :class:`~.candidates.Candidates`, or a record batch: all its rows) after the value
+        checks (rows with NaN/Inf dropped under ``nonfinite="skip"``), their class keys (a
+        list of ints, 0 for a plain reservoir), and the error code and exception when they
+        are rejected (then nothing of this step is inserted on any rank)."""
+        if not offered:
+            return None, [], 0, None
+        cands = offered if isinstance(offered, Candidates) else Candidates(dict(offered))
+        record = cands.record
+        keys = self.keys
+        if keys.policy is None:
+            keys.decide(record)
+        # Label values are read for the whole batch (one transfer each): a bad label in
+        # any row rejects the batch.
+        labels = None
+        try:
+            if keys.by_class:
+                labels = to_int64_cpu("labels", record[LABEL])
+                if labels.dtype != record[LABEL].dtype and record[LABEL].dtype == getattr(torch, "uint64", None):
+                    cands = Candidates(dict(record, **{LABEL: labels}), cands.rows)
+                    record = cands.record
+                labels = labels.tolist()
+            tasks = to_int64_cpu("task_labels", record[TASK]).tolist() if TASK in record else None
+        except ValueError as exc:
+            return None, [], BAD_LABELS, exc
+        problem = label_list_error(labels, tasks)
+        if problem is not None:
+            return None, [], BAD_LABELS, problem
+        problem = self._storage_check(record)
+        if problem is not None:
+            return None, [], BAD_VALUES, problem
         keep = None
         for value in record.values():
-            if value.is_floating_point():
+            if value.is_floating_point() and not all_finite(value):
                 rows = finite_rows(value)
+                rows = rows if cands.rows is None else rows[cands.rows.to(rows.device)]
                 keep = rows if keep is None else keep & rows.to(keep.device)
         if keep is not None:
             keep = keep.cpu()
-        if keep is not None and not bool(keep.all()):
             bad = int((~keep).sum())
-            if self.nonfinite == "raise":
-                raise ValueError(f"the batch holds NaN or Inf in {bad} of {n} rows "
-                                 "(nonfinite='raise'; use nonfinite='skip' to drop such samples)")
-            self.rejected_nonfinite += bad
-            index = torch.nonzero(keep).flatten()
-            if index.numel() == 0:
-                return 0
-            record = {name: t.index_select(0, index.to(t.device)) for name, t in record.items()}
-            labels_cpu = None if labels_cpu is None else labels_cpu[index]
-            tasks_cpu = None if tasks_cpu is None else tasks_cpu[index]
-            n = index.numel()
-        if self.storage.layout is None:
-            self.storage.allocate(layout_for(record, self.dtypes))
-        positions, slots = self.reservoir.offer_many(keys_policy.keys(labels_cpu, n))
-        if not positions:
-            return 0
-        values = dict(record)
-        if labels_cpu is not None:
-            values[LABEL] = labels_cpu
-        if tasks_cpu is not None:
-            values[TASK] = tasks_cpu
-        # Each field straight into its storage column: no packed temporary.
-        self.storage.write_fields(slots, values, rows=positions)
-        return len(positions)
+            if bad:
+                if self.nonfinite == "raise":
+                    return None, [], NONFINITE, ValueError(
+                        f"the batch holds NaN or Inf in {bad} of {len(cands)} candidate rows "
+                        "(nonfinite='raise'; use nonfinite='skip' to drop such samples)")
+                self.rejected_nonfinite += bad
+                cands = cands.keep(keep)
+        if len(cands) == 0:
+            return None, [], 0, None
+        if labels is None:
+            return cands, [0] * len(cands), 0, None
+        if cands.rows is None:
+            return cands, labels, 0, None
+        return cands, [labels[i] for i in cands.rows.tolist()], 0, None
 
-    # ------------------------------------------------------------------ global view
-    def _layout_digest(self) -> int:
-        layout = self.storage.layout
-        if layout is None:
-            return 0
-        cached = getattr(self, "_layout_digest_cache", None)
-        if cached is None or cached[0] is not layout:  # a layout never changes once set
-            cached = self._layout_digest_cache = (layout, digest(layout.describe()))
-        return cached[1]
+    def _storage_check(self, record) -> Optional[ValueError]:
+        """:func:`~.validation.check_storage_values` of the fields whose integer storage
+        dtype differs from the batch's (none in the common case: nothing is read)."""
+        layout = self.storage.layout or layout_for(record, self.dtypes)
+        narrow = [name for name, spec in layout.fields.items()
+                  if name in record and name not in (LABEL, TASK) and not spec.dtype.is_floating_point
+                  and record[name].dtype != spec.dtype]
+        if not narrow:
+            return None
+        return check_storage_values({k: record[k] for k in narrow}, layout)
 
-    def _adopt_layout(self) -> None:
-        """Learn the sample layout from the ranks that have one (collective, rare)."""
-        mine = self.storage.layout.describe() if self.storage.layout is not None else None
+    # ------------------------------------------------------------------ stages 2-3: plan, serve
+    def _plan(self, r: int, step: int, excluded: tuple):
+        """Stage 2: every rank's draws for ``step``, from the ledger (before this step's
+        insertion) and a generator seeded by ``(seed, step)``. Returns ``(plan, excluded)``:
+        a :class:`~.sampling.SamplingPlan`, or, with one rank and a sampler that needs only
+        the number of eligible samples, this rank's draws ``(d,)`` int64 (the same values)."""
+        if self.keys.policy == "reservoir":
+            excluded = ()  # no classes to exclude
+        gen = self._plan_generator
+        gen.manual_seed(derive_seed(self.seed, step, PLAN))
+        ledger = self.ledger
+        if self.world_size == 1 and type(self.sampler) in _TOTALS_ONLY:
+            n = ledger.eligible_total(excluded)
+            return sample_one_rank(n, min(r, n), gen), excluded
+        eligible = Eligible(ledger.eligible_per_rank(excluded),
+                            lambda: ledger.eligible_matrix(excluded), ledger.labels)
+        return self.sampler.plan(eligible, r, gen), excluded
+
+    def _serve(self, plan, step: int, excluded: tuple) -> PreparedDraw:
+        """Stage 3: gather the records this rank serves for ``plan`` (see :func:`~.draw.serve`)."""
+        key_field = LABEL if self.keys.by_class else None
+        if isinstance(plan, torch.Tensor):  # one rank's own draws
+            slots = served_slots(self.reservoir, self.storage, plan, None, excluded, key_field)
+            prepared = serve_own(slots, self.storage, self.last_exchange)
+        else:
+            labels = self.ledger.labels
+
+            def slots_of(local, label_columns):
+                label_list = (None if label_columns is None
+                              else [labels[c] for c in label_columns.tolist()])
+                return served_slots(self.reservoir, self.storage, local, label_list, excluded,
+                                    key_field)
+
+            prepared = serve(plan, self.rank, self.world_size, self.sampler.exchanges,
+                             self.storage, slots_of, self.last_exchange)
+        prepared.step, prepared.excluded, prepared.table = step, excluded, self.ledger.snapshot()
+        return prepared
+
+    def _plan_serve(self, r: int, step: int, excluded: tuple, clock) -> PreparedDraw:
+        plan, excluded = self._plan(r, step, excluded)
+        if clock:
+            clock.mark("plan")
+        prepared = self._serve(plan, step, excluded)
+        if clock:
+            clock.mark("serve")
+        return prepared
+
+    # ------------------------------------------------------------------ stage 4-5: exchange, agree
+    def _meta(self, kind: int, step: int, context: StepContext, error: int, keys: List[int],
+              now: tuple, nxt: tuple, layout_digest: int, width: int) -> torch.Tensor:
+        message = encode(kind, step, self.channel.seq, self._config_digest(), layout_digest,
+                         digest(list(now)), digest(list(nxt)), self.ledger.digest(), context,
+                         error, keys, width)
+        self.channel.seq += 1
+        return message
+
+    def _agree(self, messages: torch.Tensor, exception) -> Tuple[list, torch.Tensor, torch.Tensor]:
+        heads, keys, counts = decode(messages)
+        check_agreement(heads, self.rank)
+        if exception is not None:
+            raise exception
+        if any(h.error for h in heads):
+            raise RuntimeError("a rank rejected its candidates")  # unreachable: raised above
+        self._adopt_layout(heads)
+        return heads, keys, counts
+
+    def _adopt_layout(self, heads) -> None:
+        """Learn the sample layout from the ranks that have one (collective, once)."""
+        layouts = {h.layout for h in heads}
+        if 0 not in layouts or len(layouts) == 1:
+            return
+        mine = self._layout_description()
         known = next(d for d in self.exchange.all_gather_object(mine) if d is not None)
-        if mine is None:
+        if self.storage.layout is None and mine is None:
             layout = RecordLayout.from_description(known)
             self.storage.allocate(layout)
             self.keys.decide_from_layout(layout)
 
-    def _gather(self, kind: int, step: int, excluded: tuple, context: StepContext) -> ClassTable:
-        """Collective (metadata group): every rank's per-class counts, checked for
-        agreement; updates the quotas when the table changed."""
-        counts = [(c, len(s)) for c, s in sorted(self.reservoir.slots_by_class.items())]
-        table, sent, received = self.channel.gather(
-            self.exchange, kind, step, counts, digest(self.public_config()), self._layout_digest,
-            digest(list(excluded)), context, self._adopt_layout)
-        self.last_exchange.metadata_sent, self.last_exchange.metadata_received = sent, received
-        if self.world_size > 1 and not table.same_as(self.last_table):
-            self.planner.set_table(table.labels.tolist(), table.stored.tolist(), table.seen.tolist())
-            self.reservoir.refresh_quotas()
-        self.last_table = table
-        return table
+    def _layout_description(self):
+        if self.storage.layout is not None:
+            return self.storage.layout.describe()
+        pending = getattr(self, "_pending_layout", None)
+        return None if pending is None else pending.describe()
 
-    def refresh(self, step: int = 0, context: StepContext = StepContext()) -> ClassTable:
-        """Collective. Gather every rank's per-class counts and update this rank's quotas.
+    def _layout_digest(self, candidates) -> int:
+        layout = self.storage.layout
+        if layout is None and candidates:
+            layout = layout_for(candidates.record, self.dtypes)
+        self._pending_layout = layout
+        if layout is None:
+            return 0
+        cached = getattr(self, "_layout_digest_cache", None)
+        if cached is None or (cached[0] is not layout and cached[0] != layout):
+            cached = self._layout_digest_cache = (layout, digest(layout.describe()))
+        return cached[1]
 
-        Draws do this themselves; call it between inserts that no draw separates (a whole
-        experience inserted at once) so that the quotas stay global. Every rank must call
-        it at the same point, with the same ``step``.
+    def _gather_sync(self, message: torch.Tensor, keys: List[int]) -> torch.Tensor:
+        """The synchronising protocol's metadata: every rank's header, then (only when some
+        rank offers candidates) every rank's keys. Returns ``(W, HEADER + width)``."""
+        exchange = self.exchange
+        heads = exchange.all_gather(message[:HEADER])
+        width = int(heads[:, -1].max())
+        sent = received = HEADER * 8
+        received *= self.world_size
+        if width:
+            padded = torch.zeros(width, dtype=torch.int64)
+            padded[: len(keys)] = message[HEADER: HEADER + len(keys)]
+            rest = exchange.all_gather(padded)
+            sent += width * 8
+            received += rest.numel() * 8
+            gathered = torch.cat([heads, rest], dim=1)
+        else:
+            gathered = heads
+        return gathered, sent, received
+
+    # ------------------------------------------------------------------ stage 6: insert
+    def _insert(self, keys: torch.Tensor, counts: torch.Tensor, candidates, own_keys: List[int],
+                step: int, context: StepContext) -> int:
+        """Apply every rank's keys to the ledger; write this rank's candidates. Returns how
+        many rows were written."""
+        if keys is None:  # one rank: this rank's keys alone, as a list
+            decisions = self.ledger.apply_local(own_keys, step, context.experience)
+        else:
+            decisions = self.ledger.apply(keys, counts, step, self.rank, context.experience)
+        self.last_written = 0
+        if not own_keys:
+            return 0
+        positions, slots = self.reservoir.apply(own_keys, decisions)
+        if not positions:
+            return 0
+        record = candidates.record
+        if self.storage.layout is None:
+            self.storage.allocate(layout_for(record, self.dtypes))
+        self.storage.write_fields(slots, record, rows=candidates.batch_rows(positions))
+        self.last_written = len(positions)
+        return self.last_written
+
+    # ------------------------------------------------------------------ the step
+    def step(self, record: Optional[Mapping[str, torch.Tensor]] = None, r: int = 0,
+             step: int = 0, excluded: Iterable[int] = (), announce: Optional[Iterable[int]] = None,
+             context: StepContext = StepContext(), protocol: str = "sync",
+             out_device: Optional[torch.device] = None, checked: bool = False
+             ) -> Dict[str, torch.Tensor]:
+        """Collective. Draw ``r`` representatives for every rank and insert ``record``'s
+        rows (this rank's candidates, a record batch, or None); see the module doc.
+
+        Args:
+            r: representatives per rank (``min(r, eligible)`` are drawn).
+            step: the step; seeds the plan (``(seed, step)``) and is checked across ranks.
+            excluded: class labels never drawn by this step.
+            announce: the exclusion the next step's plan will use (default ``excluded``).
+            context: this rank's position in training, checked across ranks.
+            protocol: ``"sync"`` (metadata first, on the metadata group: any ``r``) or
+                ``"fast"`` (the pipeline's steps, see :meth:`prepare_step`).
+            checked: the caller already ran :meth:`check_record` on ``record``.
+        Returns every stored field of the representatives (``input`` ``(d, ...)``,
+        ``label`` ``(d,)``, ``task`` ``(d,)``, ...), in draw order, on ``out_device``
+        (default the storage device), in the storage dtypes; new tensors, the caller's.
+        Raises (on every rank, nothing inserted) when the ranks disagree or a rank's
+        candidates are rejected.
         """
-        return self._gather(REFRESH, step, (), context)
+        state = self.prepare_step(record, r, step, excluded, announce, context, protocol,
+                                  checked)
+        return self.complete_step(state, out_device)
 
-    def global_counts(self, step: int = 0) -> Dict[int, int]:
-        """Collective. ``{label: stored}`` summed over all shards (classes with samples)."""
-        return self.refresh(step).class_counts()
+    def prepare_step(self, record=None, r: int = 0, step: int = 0, excluded: Iterable[int] = (),
+                     announce: Optional[Iterable[int]] = None,
+                     context: StepContext = StepContext(), protocol: str = "sync",
+                     checked: bool = False, exchange_records_now: bool = True) -> StepState:
+        """Stages 1-6 of :meth:`step`; :meth:`complete_step` assembles the representatives.
 
-    # ------------------------------------------------------------------ global sampling
-    def prepare_draw(self, r: int, step: int, exclude: Iterable[int] = (),
-                     context: StepContext = StepContext()) -> PreparedDraw:
-        """Collective on the metadata group. Plan this step's draw and gather the records
-        this rank serves; :meth:`complete_draw` then moves them.
-
-        Every rank must call it with the same ``r``, ``step``, ``exclude`` and
-        ``context``; a rank that disagrees makes every rank raise (see :mod:`~.metadata`).
-        ``exclude`` holds class labels; a plain reservoir (targets that are not class
-        labels) has no classes to exclude and ignores it.
+        ``record``: a record batch (every row is a candidate), a
+        :class:`~.candidates.Candidates` (some rows of one), or None.
+        ``protocol="fast"`` (the pipeline: ``r`` must be :attr:`step_r`) uses, once the
+        ranks synchronised, one collective on the payload group whose sizes follow from
+        the plan the ranks agreed at the previous exchange (step ``channel.step + 1``,
+        exclusion ``channel.next_excluded``), whatever this rank wants now, so that ranks
+        that disagree are caught by the header check instead of mismatched transfers.
+        When this rank's ``step`` and ``excluded`` are that plan (in effect: no class that
+        differs holds samples), that one collective is the whole step; otherwise (a
+        re-draw, a changed exclusion) a second collective moves the records of the plan
+        wanted, whose inputs the first one verified. A CUDA shard gathers the metadata on
+        the metadata group instead and, with ``exchange_records_now=False``, leaves the
+        records' collective to :meth:`complete_step` (the training thread's).
         """
-        excluded = tuple(sorted({int(c) for c in exclude})) if self.keys.policy != "reservoir" else ()
-        table = self._gather(DRAW, step, excluded, context)
-        eligible = table.stored
-        if excluded:
-            eligible = eligible.clone()
-            eligible[:, table.columns(excluded)] = 0
-        plan = self.sampler.plan(eligible, r, generator(self.seed, step, PLAN))
-        key_field = LABEL if self.keys.by_class else None
+        if protocol not in PROTOCOLS:
+            check_choice("protocol", protocol, PROTOCOLS)
+        if record is not None and not checked:
+            self.check_record(record.record if isinstance(record, Candidates) else record)
+        excluded = _labels_tuple(excluded)
+        announce = excluded if announce is None else _labels_tuple(announce)
+        clock = self.phase_clock
+        if clock:
+            clock.start()
+        candidates, own_keys, error, exception = self._candidates(record)
+        layout_digest = self._layout_digest(candidates)
+        if clock:
+            clock.mark("check")
+        if self.world_size == 1:
+            if exception is not None:
+                raise exception
+            prepared = self._plan_serve(r, step, excluded, clock)
+            self._insert(None, None, candidates, own_keys, step, context)
+            self._finish(prepared, announce, (0, 0, 0, 0))
+            if clock:
+                clock.mark("insert")
+            return StepState(prepared)
+        paired = protocol == "fast" and self.channel.synced
+        if paired and (r != self.step_r or len(own_keys) > self.max_candidates):
+            raise ValueError(f"a fast step draws step_r={self.step_r} representatives and "
+                             f"offers at most max_candidates={self.max_candidates} rows, got "
+                             f"r={r} and {len(own_keys)} rows")
+        args = (candidates, own_keys, error, exception, layout_digest, step, excluded, announce,
+                context, clock)
+        if not paired:
+            return self._sync_step(r, exchange_records_now, *args)
+        if self.exchange.device_payload:
+            return self._device_step(exchange_records_now, *args)
+        return self._paired_step(*args)
 
-        def slots_of(local, label_columns):
-            return served_slots(self.reservoir, self.storage, local, label_columns, excluded,
-                                table, key_field)
+    def _equivalent(self, step: int, excluded: tuple) -> bool:
+        """Whether a draw for ``step`` under ``excluded`` is the agreed next plan."""
+        channel = self.channel
+        if step != channel.step + 1:
+            return False
+        agreed = channel.next_excluded
+        return agreed == excluded or self.ledger.unborn_since(set(agreed) ^ set(excluded), step)
 
-        prepared = prepare(plan, self.rank, self.world_size, self.sampler.exchanges,
-                           self.storage, slots_of, self.last_exchange)
-        prepared.record = self.last_draw = DrawRecord(step, table, excluded,
-                                                      replace(self.last_exchange),
-                                                      self.bytes_per_sample)
-        return prepared
+    def _paired_step(self, candidates, own_keys, error, exception, layout_digest, step,
+                     excluded, announce, context, clock) -> StepState:
+        """The fast protocol (see :meth:`prepare_step`)."""
+        channel = self.channel
+        agreed = self._plan_serve(self.step_r, channel.step + 1, channel.next_excluded, clock)
+        exact = self._equivalent(step, excluded)
+        width = self.max_candidates
+        meta = self._meta(STEP if exact else SYNC, step, context, error, own_keys, excluded,
+                          announce, layout_digest, width)
+        send, send_splits, recv_splits = compose(meta, agreed, self.world_size,
+                                                 self.bytes_per_sample)
+        recv = self.exchange.all_to_all(send, send_splits, recv_splits,
+                                        out=self.storage.scratch_bytes("step", sum(recv_splits)))
+        if clock:
+            clock.mark("exchange")
+        messages, records = split_message(recv, recv_splits, HEADER + width, self.bytes_per_sample)
+        _, keys, counts = self._agree(messages, exception)
+        prepared = agreed
+        m, world = meta.numel() * 8, self.world_size  # one message to (and from) every rank
+        meta_bytes = (m * world, m * world, m * (world - 1), m * (world - 1))
+        if clock:
+            clock.mark("agree")
+        if not exact:  # a re-draw or a changed exclusion: the plan wanted, verified above
+            prepared = self._plan_serve(self.step_r, step, excluded, clock)
+            records = exchange_records(prepared, self.storage, self.exchange) if prepared.moves else None
+            if clock:
+                clock.mark("exchange")
+        self._insert(keys, counts, candidates, own_keys, step, context)
+        self._finish(prepared, announce, meta_bytes)
+        if clock:
+            clock.mark("insert")
+        return StepState(prepared, records if prepared.moves else None)
 
-    def complete_draw(self, prepared: PreparedDraw,
+    def _device_step(self, exchange_records_now, candidates, own_keys, error, exception,
+                     layout_digest, step, excluded, announce, context, clock) -> StepState:
+        """A CUDA shard's step: metadata gathered first (gloo), then plan, serve, insert;
+        the records' collective is left to the caller unless ``exchange_records_now``."""
+        width = self.max_candidates
+        meta = self._meta(STEP if self._equivalent(step, excluded) else SYNC, step, context,
+                          error, own_keys, excluded, announce, layout_digest, width)
+        messages = self.exchange.all_gather(meta)
+        if clock:
+            clock.mark("exchange")
+        _, keys, counts = self._agree(messages, exception)
+        if clock:
+            clock.mark("agree")
+        return self._plan_insert(candidates, own_keys, keys, counts, step, excluded, announce,
+                                 context, self.step_r, exchange_records_now, clock,
+                                 (meta.numel() * 8, messages.numel() * 8, meta.numel() * 8,
+                                  messages.numel() * 8 - meta.numel() * 8))
+
+    def _sync_step(self, r, exchange_records_now, candidates, own_keys, error, exception,
+                   layout_digest, step, excluded, announce, context, clock) -> StepState:
+        """The synchronising protocol: metadata first, checked, then the records."""
+        meta = self._meta(SYNC, step, context, error, own_keys, excluded, announce,
+                          layout_digest, len(own_keys))
+        messages, sent, received = self._gather_sync(meta, own_keys)
+        if clock:
+            clock.mark("exchange")
+        _, keys, counts = self._agree(messages, exception)
+        if clock:
+            clock.mark("agree")
+        state = self._plan_insert(candidates, own_keys, keys, counts, step, excluded, announce,
+                                  context, r, exchange_records_now, clock,
+                                  (sent, received, sent, received - sent))
+        self.channel.synced = True
+        return state
+
+    def _plan_insert(self, candidates, own_keys, keys, counts, step, excluded, announce,
+                     context, r, exchange_records_now, clock, meta_bytes) -> StepState:
+        """Stages 2-3 and 6 after the metadata was agreed (and the records' collective now,
+        unless it is left to :meth:`complete_step`)."""
+        prepared = self._plan_serve(r, step, excluded, clock)
+        state = StepState(prepared)
+        if prepared.moves and exchange_records_now:
+            state.records = exchange_records(prepared, self.storage, self.exchange)
+            if clock:
+                clock.mark("exchange")
+        self._insert(keys, counts, candidates, own_keys, step, context)
+        self._finish(prepared, announce, meta_bytes)
+        if clock:
+            clock.mark("insert")
+        return state
+
+    def _finish(self, prepared: PreparedDraw, announce: tuple,
+                meta: Tuple[int, int, int, int]) -> None:
+        """Record what the step agreed (for the next one) and its draw. ``meta``: the
+        metadata bytes sent, received, sent to other ranks and received from them."""
+        self.channel.step = prepared.step
+        self.channel.next_excluded = announce
+        stats = self.last_exchange
+        (stats.metadata_sent, stats.metadata_received, stats.metadata_to_others,
+         stats.metadata_from_others) = meta
+        prepared.record = self.last_draw = DrawRecord(
+            prepared.step, prepared.table, prepared.excluded, ExchangeStats(**vars(stats)),
+            self.bytes_per_sample)
+
+    def complete_step(self, state: StepState,
                       out_device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
-        """Collective on the payload group (unless nothing moves). Returns every stored
-        field of the representatives (``input`` ``(d, ...)``, ``label`` ``(d,)``, ``task``
-        ``(d,)``, ``logits``...), in draw order, on ``out_device`` (default: the storage
-        device), in the storage dtypes; new tensors, the caller's. Empty while nothing is
-        eligible. See :func:`~.draw.complete`."""
-        return complete(prepared, self.storage, self.exchange, out_device)
+        """Stage 7: the representatives of a prepared step (the records' collective first,
+        when :meth:`prepare_step` left it: a CUDA shard's payload)."""
+        clock = self.phase_clock
+        if clock:
+            clock.start()
+        prepared = state.prepared
+        records = state.records
+        if prepared.moves and records is None:
+            records = exchange_records(prepared, self.storage, self.exchange)
+            if clock:
+                clock.mark("exchange")
+        out = assemble(prepared, self.storage, records, out_device)
+        if clock:
+            clock.mark("assemble")
+        return out
+
+    # ------------------------------------------------------------------ direct use
+    def insert(self, inputs, labels=None, task_labels=None, **fields) -> int:
+        """Offer every row of a batch to the shard, in order; return how many were written.
+
+        Collective with more than one rank (every rank calls it, each with its own
+        batch, or ``None``; the quotas of every rank know every rank's rows). Either
+        ``insert(inputs, labels, task_labels, **extra_fields)``: inputs
+        ``(n, *sample_shape)``, labels ``(n,)`` integer class labels in ``[0, 2**63 - 1]``
+        (or any other targets, stored by a plain reservoir), task_labels ``(n,)``
+        integers ``>= 0`` (default zeros with class labels), extra fields ``(n, ...)``
+        (e.g. ``logits=``); or ``insert(record)`` with a mapping of field names to
+        ``(n, ...)`` tensors. Tensors may live on any device; they are copied (cast to the
+        storage dtypes), never kept. Raises before changing anything if an argument is
+        malformed.
+        """
+        record = None if inputs is None else as_record(inputs, labels, task_labels, fields)
+        return self.insert_record(record)
+
+    def insert_record(self, record: Optional[Mapping[str, torch.Tensor]],
+                      checked: bool = False, step: Optional[int] = None,
+                      context: StepContext = StepContext()) -> int:
+        """:meth:`insert` for a record batch (or None: this rank offers nothing)."""
+        self.prepare_step(record, 0, self.channel.step + 1 if step is None else step,
+                          context=context, checked=checked)
+        self.channel.synced = False  # the pipeline's next step synchronises again
+        return self.last_written
 
     def draw(self, r: int, step: int, out_device: Optional[torch.device] = None,
              exclude: Iterable[int] = (), context: StepContext = StepContext()
@@ -362,16 +722,49 @@ class ShardedRehearsalBuffer:
         """Collective. Draw ``min(r, eligible size)`` representatives from the union of shards.
 
         Every rank must call it with the same ``r``, ``step``, ``exclude`` and ``context``.
-        Samples whose class label is in ``exclude`` are never drawn. Returns what
-        :meth:`complete_draw` returns. Afterwards :attr:`last_draw` and
-        :attr:`last_exchange` describe this draw.
+        Samples whose class label is in ``exclude`` are never drawn (a plain reservoir,
+        whose targets are not class labels, ignores it). Returns what :meth:`step`
+        returns. Afterwards :attr:`last_draw` and :attr:`last_exchange` describe this draw.
         """
-        return self.complete_draw(self.prepare_draw(r, step, exclude, context), out_device)
+        check_int("r", r, 0)
+        out = self.step(None, r, step, exclude, context=context, out_device=out_device)
+        self.channel.synced = False
+        return out
+
+    # ------------------------------------------------------------------ budget
+    def resize(self, mem_size: int) -> None:
+        """Change the global budget. Every rank must resize to the same budget at the same
+        point (a collective: it synchronises the ranks). Shrinking evicts, on each rank, from
+        the classes furthest above their quotas; growing gives the new room to the classes
+        that receive candidates from now on (the others keep what they hold)."""
+        check_int("mem_size", mem_size, 1)
+        if mem_size < self.world_size:
+            raise ValueError(f"mem_size ({mem_size}) must be at least the world size "
+                             f"({self.world_size})")
+        if self.world_size > 1:
+            heads = self.exchange.all_gather(torch.tensor([mem_size, self.ledger.digest()]))
+            if len(set(heads[:, 0].tolist())) > 1:
+                raise RuntimeError(f"ranks resized to different budgets: {heads[:, 0].tolist()}")
+            if len(set(heads[:, 1].tolist())) > 1:
+                raise RuntimeError("the ranks' replicated per-class counts differ")
+        capacity = split_budget(mem_size, self.world_size, self.rank)
+        evict = self.ledger.resize(mem_size, self._capacities(mem_size))
+        self.mem_size = mem_size
+        self._apply_evictions(evict.get(self.rank, {}), capacity)
+        self.reservoir.capacity = capacity
+        self.channel.synced = False
+
+    def _apply_evictions(self, counts: Dict[int, int], capacity: int) -> None:
+        if counts:
+            keep = self.reservoir.evict(counts)
+            self.storage.resize(capacity, torch.tensor(keep, dtype=torch.int64))
+        else:
+            self.storage.resize(capacity)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """This rank's shard: rows, reservoir counters, quotas and RNG, as CPU tensors and
-        plain data."""
+        """This rank's shard: rows, reservoir counters, the replicated ledger and the RNG,
+        as CPU tensors and plain data."""
         layout = self.storage.layout
         rows = (self.storage.rows[: self.storage.size].to("cpu", copy=True)
                 if self.storage.rows is not None else torch.zeros((0, 8), dtype=torch.uint8))
@@ -379,8 +772,9 @@ class ShardedRehearsalBuffer:
                 "config": self.public_config(),
                 "layout": layout.describe() if layout is not None else None,
                 "insertion": self.keys.policy, "rows": rows,
-                "reservoir": self.reservoir.state_dict(),
-                "quota_table": self.planner.state_dict(), "metadata_width": self.channel.width}
+                "reservoir": self.reservoir.state_dict(), "ledger": self.ledger.state_dict(),
+                "channel": {"step": self.channel.step,
+                            "next_excluded": list(self.channel.next_excluded)}}
 
     def _check_state(self, state: dict) -> Optional[RecordLayout]:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -408,7 +802,9 @@ class ShardedRehearsalBuffer:
             self.keys.policy = insertion
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore this rank's shard exactly (same world size, rank and configuration)."""
+        """Restore this rank's shard exactly (same world size, rank and configuration).
+        Every rank must load the states saved together (the ledger is checked across
+        ranks at the next step)."""
         layout = self._check_state(state)
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(f"state of rank {state['rank']}/{state['world_size']} cannot be "
@@ -416,26 +812,32 @@ class ShardedRehearsalBuffer:
         if state["config"] != self.public_config():
             raise ValueError(f"state configuration {state['config']} differs from this "
                              f"buffer's {self.public_config()}")
+        ledger = make_ledger(self.mem_size, self._capacities(self.mem_size), self.seed)
+        ledger.load_state_dict(state["ledger"])
         self._restore(layout, state["rows"], self.storage.capacity, state.get("insertion"))
-        self.planner.load_state_dict(state.get("quota_table"))
+        self.ledger = ledger
         self.reservoir.load_state_dict(state["reservoir"])
-        self.channel.reset(state.get("metadata_width", 0))
-        self.last_table = None
+        channel = state.get("channel", {})
+        self.channel = Channel(step=int(channel.get("step", -1)),
+                               next_excluded=tuple(channel.get("next_excluded", ())))
 
     def load_union(self, states: list) -> None:
         """Take this rank's share of the union of ``states`` saved by any number of ranks
-        (see :func:`~.elastic.union_share`). While the union fits the budget nothing is
-        lost; otherwise each rank evicts class-balanced down to its capacity."""
+        (see :func:`~.elastic.union_shares`). While the union fits the budget nothing is
+        lost; otherwise each rank evicts from the classes furthest above their quotas.
+        Every rank must load the same states (not collective)."""
         layouts = [self._check_state(s) for s in states]
         known = [lay for lay in layouts if lay is not None]
         if any(lay != known[0] for lay in known):
             raise ValueError("saved shards hold samples of different layouts")
-        mine, seen = union_share(states, self.rank, self.world_size)
-        capacity = self.local_capacity_for_budget
+        shares = union_shares(states, self.world_size)
+        mine, seen = shares[self.rank]
+        capacity = split_budget(self.mem_size, self.world_size, self.rank)
         held = max(len(mine), capacity)
-        self.planner.clear_table()
-        reservoir = self._new_reservoir(
-            held, derive_seed(self.seed, self.rank, INSERTION, ELASTIC, len(states)))
+        ledger = ledger_from_shares(self.mem_size, self._capacities(self.mem_size), self.seed,
+                                    [(_count_keys(entries), seen_w) for entries, seen_w in shares])
+        reservoir = LocalReservoir(
+            held, seed=derive_seed(self.seed, self.rank, INSERTION, ELASTIC, len(states)))
         for slot, (key, _, _) in enumerate(mine):
             reservoir.label_of_slot.append(key)
             reservoir.slots_by_class.setdefault(key, []).append(slot)
@@ -446,13 +848,12 @@ class ShardedRehearsalBuffer:
                 else torch.zeros((0, 8), dtype=torch.uint8))
         insertion = next((s.get("insertion") for s in states if s.get("insertion")), None)
         self._restore(known[0] if known else None, rows, held, insertion)
-        if held > capacity:
-            keep = reservoir.shrink(capacity)
-            self.storage.resize(capacity, keep=torch.tensor(keep, dtype=torch.int64))
+        evict = ledger.fit()
         self.reservoir = reservoir
-        reservoir.refresh_quotas()
-        self.channel.reset(max([int(s.get("metadata_width", 0)) for s in states] + [0]))
-        self.last_table = None
+        self.ledger = ledger
+        self._apply_evictions(evict.get(self.rank, {}), capacity)
+        reservoir.capacity = capacity
+        self.channel = Channel()
 
     @property
     def local_capacity_for_budget(self) -> int:
@@ -461,3 +862,22 @@ class ShardedRehearsalBuffer:
     def close(self) -> None:
         self.exchange.close()
 
+
+def _labels_tuple(labels) -> tuple:
+    """Class labels as a sorted tuple of distinct ints."""
+    return tuple(sorted({int(c) for c in labels})) if labels else ()
+
+
+def _count_keys(entries) -> Dict[int, int]:
+    out: Dict[int, int] = {}
+    for key, _, _ in entries:
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _default_world() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

@@ -1,48 +1,63 @@
-"""One collective draw, in two halves: prepare (plan, gather the records this rank
-serves) and complete (move them, restore the draw order, hand them to the caller's
-device). Between the halves nothing collective happens, so a CUDA shard's payload
-collective can be launched from another thread than its metadata gather."""
+"""The data side of a step: which stored records this rank serves (serve), the message
+that carries them with the step's metadata (compose), and the representatives in draw
+order once they arrived (assemble).
+
+A step's one collective moves, from every rank ``w`` to every rank ``q``, the bytes::
+
+    [ metadata of w (HEADER + width int64 words) | records w serves to q (rows of row_bytes) ]
+
+so the receiver finds every rank's metadata at the start of its chunk and the records
+after it. Nothing here is collective: :mod:`~.buffer` calls the exchange between
+:func:`compose` and :func:`assemble`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .metadata import ClassTable
-from .reservoir import ClassBalancedReservoir
+from .ledger import CountsSnapshot
+from .reservoir import LocalReservoir
 from .sampling import SamplingPlan
 from .storage import ShardStorage
 
 
 @dataclass
 class ExchangeStats:
-    """Traffic of the last draw, in bytes, for this rank."""
+    """Traffic of one step, in bytes, for this rank: the records of the representatives
+    (``payload``) and the step's metadata (headers and candidate keys), this rank's own
+    share included (``*_sent``, ``*_received``: what a rank "sends" itself with one rank or
+    rank-local sampling) and to or from the other ranks only (``*_to_others``,
+    ``*_from_others``)."""
 
     payload_sent: int = 0
     payload_received: int = 0
     metadata_sent: int = 0
     metadata_received: int = 0
     representatives: int = 0
+    payload_to_others: int = 0
+    payload_from_others: int = 0
+    metadata_to_others: int = 0
+    metadata_from_others: int = 0
 
 
 @dataclass(frozen=True)
 class DrawRecord:
-    """What one collective draw saw and moved, on this rank.
+    """What one step's draw saw and moved, on this rank.
 
     Attributes:
         step: the step the draw was made for.
-        table: the per-class counts of every rank at the time of the draw
-            (:class:`~.metadata.ClassTable`; excluded classes included). Owned by the
-            record: never modified afterwards.
+        table: every rank's stored samples per class when the draw was planned
+            (:class:`~.ledger.CountsSnapshot`, excluded classes included). Never modified.
         excluded: the class labels left out of the draw.
-        stats: this rank's traffic for the draw.
+        stats: this rank's traffic for the step.
         row_bytes: bytes of one stored record (0 before the first insert on any rank).
     """
 
     step: int
-    table: ClassTable
+    table: CountsSnapshot
     excluded: tuple
     stats: ExchangeStats
     row_bytes: int = 0
@@ -50,11 +65,11 @@ class DrawRecord:
     @property
     def counts(self) -> torch.Tensor:
         """``(world, L)`` int64: stored samples of ``table.labels[j]`` on rank ``w``."""
-        return self.table.stored
+        return self.table.stored[:, : len(self.table.labels)]
 
     @property
     def global_size(self) -> int:
-        return int(self.table.stored.sum())
+        return self.table.total
 
     def class_counts(self, rank: Optional[int] = None) -> Dict[int, int]:
         """``{label: stored}`` over all ranks, or on ``rank``."""
@@ -63,7 +78,7 @@ class DrawRecord:
 
 @dataclass
 class PreparedDraw:
-    """A draw planned and gathered locally, its payload not yet exchanged.
+    """A draw planned and served locally, its records not yet exchanged.
 
     Tensors are on the storage device and owned by this object (``send`` may be a reused
     scratch buffer of the storage: complete the draw before the next one is prepared).
@@ -73,8 +88,10 @@ class PreparedDraw:
         fields: the representatives in draw order when no transport is needed (one rank,
             local sampling, nothing to draw), else None.
         send: ``(n, row_bytes)`` uint8, the records this rank serves, grouped by requester.
-        send_splits, recv_splits: rows sent to / received from each rank.
-        where: ``(d,)`` int64, the received row of each draw, in draw order.
+        send_splits, recv_splits: records sent to / received from each rank.
+        where: ``(d,)`` int64, the received record of each draw, in draw order.
+        step, excluded, table: the draw's step, excluded classes and the per-class counts
+            its plan saw (the record is made from them once the step is agreed).
     """
 
     record: Optional[DrawRecord] = None
@@ -83,6 +100,14 @@ class PreparedDraw:
     send_splits: List[int] = field(default_factory=list)
     recv_splits: List[int] = field(default_factory=list)
     where: Optional[torch.Tensor] = None
+    step: int = 0
+    excluded: tuple = ()
+    table: Optional[CountsSnapshot] = None
+
+    @property
+    def moves(self) -> bool:
+        """Whether records must cross ranks (a payload collective)."""
+        return self.fields is None
 
     def tensors(self) -> List[torch.Tensor]:
         """Every tensor the object holds (for CUDA stream bookkeeping)."""
@@ -90,20 +115,19 @@ class PreparedDraw:
         return out + list((self.fields or {}).values())
 
 
-def served_slots(reservoir: ClassBalancedReservoir, storage: ShardStorage, local: torch.Tensor,
-                 label_columns: Optional[torch.Tensor], excluded: tuple, table: ClassTable,
+def served_slots(reservoir: LocalReservoir, storage: ShardStorage, local: torch.Tensor,
+                 labels: Optional[List[int]], excluded: tuple,
                  key_field: Optional[str]) -> torch.Tensor:
     """Storage slots of the draws this rank serves, as ``(n,)`` int64 CPU.
 
-    ``local`` indexes as the plan says: within the class ``table.labels[label_columns]``
-    (class-balanced plans), or among this rank's eligible samples in slot order
-    (uniform and local plans; with ``excluded`` keys, the j-th slot whose key is not
-    excluded). ``key_field``: the storage field that holds the keys (class labels), if any.
+    ``local`` indexes as the plan says: within the class ``labels[i]`` (class-balanced
+    plans), or among this rank's eligible samples in slot order (uniform and local plans;
+    with ``excluded`` keys, the j-th slot whose key is not excluded). ``key_field``: the
+    storage field that holds the keys (class labels), if any.
     """
-    if label_columns is not None:
+    if labels is not None:
         by_class = reservoir.slots_by_class
-        keys = table.labels[label_columns].tolist()
-        return torch.tensor([by_class[c][j] for c, j in zip(keys, local.tolist())],
+        return torch.tensor([by_class[c][j] for c, j in zip(labels, local.tolist())],
                             dtype=torch.int64)
     if not excluded:
         return local
@@ -115,8 +139,21 @@ def served_slots(reservoir: ClassBalancedReservoir, storage: ShardStorage, local
     return torch.nonzero(eligible).flatten()[local]
 
 
-def prepare(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
-            storage: ShardStorage, slots_of, stats: ExchangeStats) -> PreparedDraw:
+def serve_own(slots: torch.Tensor, storage: ShardStorage, stats: ExchangeStats) -> PreparedDraw:
+    """:func:`serve` when this rank serves all its own draws (one rank): the records at
+    ``slots`` ``(d,)``, in draw order."""
+    d = slots.numel()
+    stats.representatives = d
+    stats.payload_to_others = stats.payload_from_others = 0
+    if d == 0 or storage.layout is None:
+        stats.payload_sent = stats.payload_received = 0
+        return PreparedDraw(fields={})
+    stats.payload_sent = stats.payload_received = d * storage.layout.row_bytes
+    return PreparedDraw(fields=storage.gather_fields(slots))
+
+
+def serve(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
+          storage: ShardStorage, slots_of, stats: ExchangeStats) -> PreparedDraw:
     """Gather the records this rank serves for ``plan``; fill ``stats``' payload bytes.
 
     ``slots_of(local, label_columns)`` maps the plan's indexes to storage slots
@@ -125,6 +162,7 @@ def prepare(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
     """
     mine = plan.num_draws(rank)
     stats.representatives = mine
+    stats.payload_to_others = stats.payload_from_others = 0
     layout = storage.layout
     if plan.d == 0 or layout is None:
         stats.payload_sent = stats.payload_received = 0
@@ -140,31 +178,67 @@ def prepare(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
     slots = slots_of(local, label)
     send = storage.gather(slots, out=storage.scratch("send", slots.numel()))
     recv_splits = plan.receive_splits(rank, world_size).tolist()
-    # Received row k is draw receive_order[k], so draw j is received row where[j].
+    # Received record k is draw receive_order[k], so draw j is received record where[j].
     where = torch.argsort(plan.receive_order(rank)).to(storage.device)
     stats.payload_sent = send.numel()
     stats.payload_received = sum(recv_splits) * layout.row_bytes
-    return PreparedDraw(send=send, send_splits=splits.tolist(), recv_splits=recv_splits,
+    send_splits = splits.tolist()
+    stats.payload_to_others = (sum(send_splits) - send_splits[rank]) * layout.row_bytes
+    stats.payload_from_others = (sum(recv_splits) - recv_splits[rank]) * layout.row_bytes
+    return PreparedDraw(send=send, send_splits=send_splits, recv_splits=recv_splits,
                         where=where)
 
 
-def complete(prepared: PreparedDraw, storage: ShardStorage, exchange,
-             out_device: Optional[torch.device]) -> Dict[str, torch.Tensor]:
-    """Exchange ``prepared``'s records (a payload collective, unless nothing moves) and
-    return every stored field of the representatives, in draw order, on ``out_device``
-    (default: the storage device), in the storage dtypes. The tensors are new: the caller
-    owns them.
+def compose(meta: torch.Tensor, prepared: PreparedDraw, world_size: int,
+            row_bytes: int) -> Tuple[torch.Tensor, List[int], List[int]]:
+    """The flat uint8 message of a step (see the module doc) and its byte splits.
 
-    Copies of the payload: one gather into the send buffer (in :func:`prepare`), the
-    transport, one ``index_select`` per field that restores the draw order and compacts
-    the field, and, from a CPU shard to a GPU, one staged asynchronous copy.
+    ``meta``: ``(m,)`` int64 CPU, this rank's metadata (the same for every destination).
+    Returns ``(send, send_splits, recv_splits)``; ``send`` is new (the caller's).
     """
+    meta_bytes = meta.view(torch.uint8)
+    m = meta_bytes.numel()
+    if not prepared.moves:
+        parts = [meta_bytes] * world_size
+        splits = [m] * world_size
+        return torch.cat(parts), splits, list(splits)
+    rows = prepared.send.reshape(-1)
+    parts, start = [], 0
+    for n in prepared.send_splits:
+        parts.append(meta_bytes)
+        parts.append(rows[start * row_bytes: (start + n) * row_bytes])
+        start += n
+    send_splits = [m + n * row_bytes for n in prepared.send_splits]
+    recv_splits = [m + n * row_bytes for n in prepared.recv_splits]
+    return torch.cat(parts), send_splits, recv_splits
+
+
+def split_message(recv: torch.Tensor, recv_splits: List[int], meta_words: int,
+                  row_bytes: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(metadata (W, meta_words) int64, records (n, row_bytes) uint8 or None)`` of a
+    received step message (new tensors)."""
+    m = meta_words * 8
+    offsets = [0]
+    for s in recv_splits[:-1]:
+        offsets.append(offsets[-1] + s)
+    index = torch.tensor(offsets, dtype=torch.int64).unsqueeze(1) + torch.arange(m)
+    metas = recv[index].view(torch.int64)
+    rows = [recv[o + m: o + s] for o, s in zip(offsets, recv_splits) if s > m]
+    records = torch.cat(rows).view(-1, row_bytes) if rows else None
+    return metas, records
+
+
+def assemble(prepared: PreparedDraw, storage: ShardStorage, records: Optional[torch.Tensor],
+             out_device: Optional[torch.device]) -> Dict[str, torch.Tensor]:
+    """Every stored field of the representatives, in draw order, on ``out_device``
+    (default: the storage device), in the storage dtypes; new tensors, the caller's.
+
+    ``records``: the received records (``(d, row_bytes)`` uint8, by source rank) when the
+    draw moved records, else None (``prepared.fields`` holds them)."""
     fields = prepared.fields
     if fields is None:
-        recv = exchange.all_to_all(prepared.send, prepared.send_splits, prepared.recv_splits,
-                                   out=storage.scratch("recv", sum(prepared.recv_splits)))
         fields = {name: view.index_select(0, prepared.where)
-                  for name, view in storage.layout.unpack(recv).items()}
+                  for name, view in storage.layout.unpack(records).items()}
     if out_device is None or torch.device(out_device) == storage.device or not fields:
         return fields
     out_device = torch.device(out_device)
@@ -173,3 +247,9 @@ def complete(prepared: PreparedDraw, storage: ShardStorage, exchange,
                 for name, t in fields.items()}
     return {name: t.to(out_device, non_blocking=out_device.type == "cuda")
             for name, t in fields.items()}
+
+
+def exchange_records(prepared: PreparedDraw, storage: ShardStorage, exchange) -> torch.Tensor:
+    """The records of a draw whose metadata already travelled (a payload collective)."""
+    return exchange.all_to_all(prepared.send, prepared.send_splits, prepared.recv_splits,
+                               out=storage.scratch("recv", sum(prepared.recv_splits)))

@@ -7,7 +7,8 @@ Device rules (NCCL serves CUDA tensors only, gloo serves CPU and CUDA tensors):
   with ``new_group(backend="gloo")`` whatever the default group's backend is (NCCL under
   torchrun on GPUs), so a CPU tensor never meets a group that cannot serve it.
 * **Payload** (the representatives' records) lives where the shard lives. CPU shards
-  use the metadata group (gloo); CUDA shards use a group of ``payload_backend``
+  use a second gloo group, which also carries the step's metadata in the same message
+  (one collective per step); CUDA shards use a group of ``payload_backend``
   (default ``"nccl"``). Such device collectives must be launched from one thread at one
   fixed point of every step, in the same order on every rank, or two NCCL communicators
   (ours and DDP's) can deadlock: :attr:`ProcessGroupExchange.device_payload` tells the
@@ -141,8 +142,10 @@ class ProcessGroupExchange:
         self.world_size = dist.get_world_size()
         self.meta_group: Optional[dist.ProcessGroup] = dist.new_group(backend="gloo", timeout=delta)
         if device.type == "cpu" and payload_backend is None:
+            # A group of its own for the per-step exchange: a rank that synchronises (on the
+            # metadata group) while another exchanges can never pair the two calls.
             self.backend = "gloo"
-            self.payload_group = self.meta_group
+            self.payload_group = dist.new_group(backend="gloo", timeout=delta)
             #: True: payload collectives are launched by the training thread (see module doc)
             self.device_payload = False
         else:
@@ -177,9 +180,10 @@ class ProcessGroupExchange:
                    recv_splits: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Send ``send[rows of split q]`` to rank ``q``; return the rows received, by source rank.
 
-        ``send`` is ``(sum(send_splits), row_bytes)`` uint8 on the shard's device; the
-        result is ``(sum(recv_splits), row_bytes)`` uint8: ``out`` when given
-        (contiguous, that shape), else newly allocated.
+        ``send`` is ``(sum(send_splits), *row)`` on the shard's device (uint8 records
+        ``(n, row_bytes)``, or a flat uint8 message of metadata and records, split in
+        bytes); the result is ``(sum(recv_splits), *row)``: ``out`` when given
+        (contiguous, that shape), else newly allocated. Payload group.
         """
         shape = (sum(recv_splits),) + tuple(send.shape[1:])
         if out is not None and (tuple(out.shape) != shape or not out.is_contiguous()):

@@ -8,7 +8,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from .buffer import ShardedRehearsalBuffer
+from .buffer import ShardedRehearsalBuffer, StepState
+from .candidates import Candidates
 from .draw import DrawRecord, PreparedDraw
 from .exchange import process_group_timeout
 from .metadata import StepContext
@@ -18,9 +19,9 @@ from .validation import check_int
 from .worker import BackgroundWorker
 
 Representatives = Dict[str, torch.Tensor]
-#: A job's outcome: the draw's record, and either the draw still to complete (device
-#: payload: the training thread launches its all-to-all) or the representatives.
-Prepared = Tuple[DrawRecord, Optional[PreparedDraw], Optional[Representatives]]
+#: A job's outcome: the step's state (its records possibly still to exchange: a CUDA
+#: shard's payload, which the training thread launches) and its draw record.
+Prepared = Tuple[DrawRecord, StepState]
 
 
 class RehearsalPipeline:
@@ -34,30 +35,42 @@ class RehearsalPipeline:
        device; the caller trains on ``[x_i ; R_i]``;
     2. :meth:`offer` picks ``c`` rows of ``x_i`` at random (a record batch: any fields,
        e.g. the model's outputs for them, so it may come after the forward pass) and
-       submits one job to the worker: insert those candidates into the local shard, then
-       prepare ``R_{i+1}``. ``offer(None)`` offers nothing but still prepares ``R_{i+1}``.
+       submits one job to the worker: one buffer step (:meth:`~.buffer.ShardedRehearsalBuffer.step`)
+       that plans and moves ``R_{i+1}`` and inserts those candidates, with one collective.
+       ``offer(None)`` offers nothing but still prepares ``R_{i+1}``.
 
     :meth:`augment` does both for the ``(inputs, labels, task_labels)`` convention and
-    returns the concatenated batch. x_i is trained exactly once, at step i (no lag).
-    ``async_mode=False`` runs the job inline instead; for the same seed both modes produce
-    the same shards and the same batches, bit for bit.
+    returns the concatenated batch. x_i is trained exactly once, at step i (no lag); its
+    candidates can be drawn from step ``i + 2`` on (``R_{i+1}`` is planned before they are
+    inserted). ``async_mode=False`` runs the job inline instead; for the same seed both
+    modes produce the same shards and the same batches, bit for bit.
 
-    **Collective order.** Metadata (per-class counts, on a gloo group of the buffer's
-    own) is gathered by the job, in the background. The payload of a CPU shard (gloo) is
-    exchanged by the job too. The payload of a CUDA shard travels on an NCCL group, and
-    NCCL requires every rank to launch its communicators' kernels in the same order: if
-    the worker thread launched it while the training thread launches DDP's gradient
-    all-reduce, ranks could interleave them differently and deadlock. So for device
-    payloads the job stops after planning and gathering the records to send, and the
-    training thread launches the all-to-all itself, in :meth:`take`: on every rank, step
-    ``i``'s buffer collective is launched before step ``i``'s forward pass and after step
-    ``i - 1``'s backward pass (whose DDP all-reduces it therefore never overtakes), from
-    one thread, in the same order.
+    **Collectives.** A job is one collective on the buffer's payload group, which carries
+    every rank's step metadata (header and candidate keys) and the representatives'
+    records. The first step, and the first after the buffer changed outside the pipeline
+    (a load, a resize, ``post_adapt``), synchronise instead: a small metadata gather on the
+    buffer's metadata group first, then the records. The payload of a CUDA shard travels
+    on an NCCL group, and NCCL requires every rank to launch its communicators' kernels in
+    the same order: if the worker thread launched it while the training thread launches
+    DDP's gradient all-reduce, ranks could interleave them differently and deadlock. So for
+    device payloads the job gathers the metadata (gloo, in the background), plans and
+    serves, inserts, and stops; the training thread launches the records' all-to-all itself,
+    in :meth:`take`: on every rank, step ``i``'s buffer collective is launched before step
+    ``i``'s forward pass and after step ``i - 1``'s backward pass (whose DDP all-reduces it
+    therefore never overtakes), from one thread, in the same order.
 
-    Classes in :attr:`excluded` (see :meth:`exclude`) are never drawn. After each
-    :meth:`take`, :attr:`last_draw` describes the draw whose representatives that step
-    received (global per-class counts and this rank's traffic), :attr:`wait_seconds` the
-    time the calling thread waited for them.
+    **Excluded classes** (:meth:`exclude`) are never drawn. Because a job plans the next
+    step's draw and announces the exclusion of the one after (so that every exchange's
+    sizes follow from state the ranks already agreed on), the pipeline must know the
+    exclusion ahead: :meth:`take`'s ``steps_left`` (steps left in the current experience
+    after this one) tells it that the exclusion ends with the experience (the plugin
+    passes it). Representatives planned under an exclusion that differs in effect from the
+    one in force (a class that differs holds samples) are re-drawn at once, synchronously,
+    on every rank; with ``steps_left`` given this never happens at experience boundaries.
+
+    After each :meth:`take`, :attr:`last_draw` describes the draw whose representatives
+    that step received (global per-class counts and this rank's traffic),
+    :attr:`wait_seconds` the time the calling thread waited for them.
 
     Args:
         buffer: the shard; the pipeline becomes its only user (call :meth:`drain` before
@@ -66,11 +79,14 @@ class RehearsalPipeline:
             offered per step (clamped to the batch size when the batch is smaller).
         timeout: seconds any wait on the worker may take; default the buffer's
             process-group timeout.
+        worker_threads: intra-op threads of the worker thread (default 1, see
+            :class:`~.worker.BackgroundWorker`).
     """
 
     def __init__(self, buffer: ShardedRehearsalBuffer, batch_size_mem: int = 8,
                  num_candidates: int = 16, async_mode: bool = True,
-                 timeout: Optional[float] = None, seed: Optional[int] = None):
+                 timeout: Optional[float] = None, seed: Optional[int] = None,
+                 worker_threads: int = 1):
         check_int("batch_size_mem", batch_size_mem, 0)
         check_int("num_candidates", num_candidates, 0)
         if timeout is not None and not timeout > 0:
@@ -78,28 +94,47 @@ class RehearsalPipeline:
         self.buffer = buffer
         self.batch_size_mem = batch_size_mem
         self.num_candidates = num_candidates
+        buffer.max_candidates = num_candidates
+        buffer.step_r = batch_size_mem
         self.async_mode = bool(async_mode)
         self.seed = buffer.seed if seed is None else seed
         self.step = 0
         if timeout is None:
             timeout = getattr(buffer.exchange, "timeout", None) or process_group_timeout()
         self.worker = BackgroundWorker(timeout=timeout, device=buffer.device
-                                       if buffer.device.type == "cuda" else None)
+                                       if buffer.device.type == "cuda" else None,
+                                       threads=worker_threads)
+        #: which rows of each batch are offered (every rank its own stream)
+        self._generator = torch.Generator().manual_seed(
+            derive_seed(self.seed, buffer.rank, CANDIDATES))
         self._pending: Optional[Future] = None
         self._ready: Optional[Prepared] = None
         self._taken = False  # take() ran for the current step; offer() must follow
         self._layout_before_take = None  # buffer.layout when take() began (see offer)
+        self._steps_left: Optional[int] = None
         self.excluded: tuple = ()
         self.wait_seconds = 0.0
         self.last_representatives = 0
         self.last_draw: Optional[DrawRecord] = None
+        self.redraws = 0  # representatives re-drawn because the exclusion changed in effect
+
+    # ------------------------------------------------------------------ exclusion ahead
+    def _excluded_at(self, offset: int) -> tuple:
+        """The exclusion in force ``offset`` steps after the current one: the current set
+        within the experience, none past its end (its new classes are the next
+        experience's past classes; the next experience's new classes hold no samples yet)."""
+        if self._steps_left is not None and self._steps_left < offset:
+            return ()
+        return self.excluded
 
     # ------------------------------------------------------------------ the step
-    def take(self, device: torch.device, context: StepContext = StepContext()) -> Representatives:
+    def take(self, device: torch.device, context: StepContext = StepContext(),
+             steps_left: Optional[int] = None) -> Representatives:
         """Step ``i``, part 1: the representatives ``R_i`` (every stored field, ``(d, ...)``,
         on ``device``, in the storage dtypes; empty while nothing is eligible). New tensors:
         the caller's. ``context``: this rank's position in training, checked against every
-        other rank's at each gather."""
+        other rank's. ``steps_left``: training steps left in the current experience after
+        this one (None: unknown), see the class doc."""
         if self.worker.closed:
             raise RuntimeError("the rehearsal pipeline is closed")
         if self._taken:
@@ -107,15 +142,17 @@ class RehearsalPipeline:
         device = torch.device(device)
         if device.type == "cuda":
             self.worker.use_device(device)  # a side stream, CPU shards included
+        self._steps_left = steps_left
         self._layout_before_take = self.buffer.layout
         reps = self._take(device, context)
         self._taken = True
         self._device = device
+        self._context = context
         self.last_representatives = len(next(iter(reps.values()))) if reps else 0
         return reps
 
     def offer(self, record: Optional[Mapping[str, torch.Tensor]] = None,
-              context: StepContext = StepContext(), checked: bool = False) -> None:
+              context: Optional[StepContext] = None, checked: bool = False) -> None:
         """Step ``i``, part 2: offer ``c`` random rows of ``record`` (a record batch, see
         :mod:`~.records`; None offers nothing) and prepare ``R_{i+1}`` in the background.
 
@@ -124,32 +161,35 @@ class RehearsalPipeline:
         be offered again). ``checked=True``: the caller already ran
         ``buffer.check_record`` on this very record in this step, before :meth:`take`
         (should ``take`` have learnt the layout from another rank since, the record is
-        checked again at insertion)."""
-        if record is not None and not checked:
+        checked again). ``context`` defaults to :meth:`take`'s."""
+        if not self._taken:
+            raise RuntimeError("offer() must follow take() in every step")
+        if record is not None and (not checked or self.buffer.layout is not self._layout_before_take):
             self.buffer.check_record(record)
         if self.worker.closed:
             raise RuntimeError("the rehearsal pipeline is closed")
-        if not self._taken:
-            raise RuntimeError("offer() must follow take() in every step")
-        candidates = self._candidates(record)
-        names = list(candidates)
-        job_step, excluded, device = self.step + 1, self.excluded, self._device
-        # the layout the record was checked against
-        checked_against = self._layout_before_take if checked else self.buffer.layout
-        if self.async_mode:
+        context = self._context if context is None else context
+        rows = self._pick(record)
+        step = self.step + 1
+        excluded, announce, device = self._excluded_at(1), self._excluded_at(2), self._device
+        if self.async_mode:  # the worker gets copies: the caller may reuse its tensors
+            copies = {} if rows is None else {name: value.detach().index_select(
+                0, rows.to(value.device, non_blocking=True)) for name, value in record.items()}
+            names = list(copies)
             self._pending = self.worker.submit(
-                lambda *values: self._job(dict(zip(names, values)), job_step, device, excluded,
-                                          context, checked_against),
-                *candidates.values())
-        else:
-            self._ready = self._job(candidates, job_step, device, excluded, context,
-                                    checked_against)
+                lambda *values: self._job(Candidates(dict(zip(names, values))) if values else None,
+                                          step, excluded, announce, context, device),
+                *copies.values())
+        else:  # used before offer() returns: the batch itself (detached), no copy
+            candidates = None if rows is None else Candidates(
+                {name: value.detach() for name, value in record.items()}, rows)
+            self._ready = self._job(candidates, step, excluded, announce, context, device)
         self.step += 1
         self._taken = False
 
     def augment(self, inputs: torch.Tensor, labels: torch.Tensor,
                 task_labels: Optional[torch.Tensor] = None, offer: bool = True,
-                context: StepContext = StepContext()
+                context: StepContext = StepContext(), steps_left: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One whole step for ``(inputs, labels, task_labels)`` batches: :meth:`take`, then
         :meth:`offer` of the batch (or of nothing, with ``offer=False``: the batch was
@@ -161,7 +201,7 @@ class RehearsalPipeline:
         task_labels = record.get(TASK, task_labels)
         if task_labels is None:  # targets that are not class labels, no task labels
             task_labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device)
-        reps = self.take(inputs.device, context)
+        reps = self.take(inputs.device, context, steps_left)
         self.offer(record if offer else None, context, checked=True)
         if not reps:
             return inputs, labels, task_labels
@@ -171,67 +211,75 @@ class RehearsalPipeline:
                 torch.cat([labels, reps[LABEL].to(labels.dtype)]),
                 torch.cat([task_labels, rep_tasks.to(task_labels.dtype)]))
 
-    def _candidates(self, record: Optional[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """``c`` rows of ``record`` picked at random (per rank and step), copied."""
+    def _pick(self, record: Optional[Mapping[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """The ``(c,)`` rows of ``record`` offered this step, at random (None: no record)."""
         if record is None:
-            return {}
+            return None
         b = next(iter(record.values())).shape[0]
         c = min(self.num_candidates, b)
         if c == 0:
-            return {}
-        gen = torch.Generator().manual_seed(
-            derive_seed(self.seed, self.buffer.rank, self.step, CANDIDATES))
-        order = torch.randperm(b, generator=gen)[:c]
-        picked, on_device = {}, {}
-        for name, value in record.items():
-            index = on_device.get(value.device)
-            if index is None:
-                index = on_device[value.device] = order.to(value.device, non_blocking=True)
-            picked[name] = value.detach().index_select(0, index)
-        return picked
+            return None
+        return torch.randperm(b, generator=self._generator)[:c]
 
-    def _job(self, candidates: Dict[str, torch.Tensor], step: int, out_device, excluded: tuple,
-             context: StepContext, checked_against) -> Prepared:
-        """Insert the candidates, then prepare (and, unless the payload is a device
-        collective, complete) the draw for ``step``."""
-        if candidates:  # rows of a record offer() checked, unless the layout was set since
-            self.buffer.insert_record(candidates,
-                                      checked=self.buffer.layout is checked_against is not None)
-        return self._prepare(step, out_device, excluded, context)
+    def _job(self, candidates, step: int, excluded: tuple, announce: tuple,
+             context: StepContext, out_device) -> Prepared:
+        """One buffer step: insert the candidates and prepare the draw for ``step``."""
+        buffer = self.buffer
+        state = buffer.prepare_step(
+            candidates, self.batch_size_mem, step, excluded, announce, context,
+            protocol="fast", checked=True,
+            exchange_records_now=not buffer.exchange.device_payload)
+        if not state.prepared.moves or state.records is not None:
+            state.extra["reps"] = buffer.complete_step(state, out_device)
+        return state.prepared.record, state
 
-    def _prepare(self, step: int, out_device, excluded: tuple, context: StepContext) -> Prepared:
-        prepared = self.buffer.prepare_draw(self.batch_size_mem, step, excluded, context)
-        if self.buffer.exchange.device_payload:
-            return prepared.record, prepared, None
-        return prepared.record, None, self.buffer.complete_draw(prepared, out_device)
+    def _draw_now(self, device, context: StepContext) -> Prepared:
+        """A synchronising draw for the current step, inline (nothing prepared, or what was
+        prepared was planned under an exclusion that differs in effect)."""
+        state = self.buffer.prepare_step(None, self.batch_size_mem, self.step, self.excluded,
+                                         self._excluded_at(1), context, protocol="fast",
+                                         exchange_records_now=False)
+        return state.prepared.record, state
 
     def _take(self, device, context: StepContext) -> Representatives:
         start = time.perf_counter()
         if self._pending is not None:
-            record, prepared, reps = self._wait_pending()
+            record, state = self._wait_pending()
         elif self._ready is not None:
-            (record, prepared, reps), self._ready = self._ready, None
+            (record, state), self._ready = self._ready, None
         else:
-            record, prepared, reps = self._prepare(self.step, device, self.excluded, context)
-        if prepared is not None:  # the training thread launches the device collective
-            reps = self.buffer.complete_draw(prepared, device)
+            record, state = self._draw_now(device, context)
+        if not self._still_valid(record):
+            self.redraws += 1
+            record, state = self._draw_now(device, context)
+        reps = state.extra.get("reps")
+        if reps is None:  # the training thread launches the device collective
+            reps = self.buffer.complete_step(state, device)
+        elif reps and next(iter(reps.values())).device != device:
+            reps = {k: v.to(device) for k, v in reps.items()}
         self.wait_seconds = time.perf_counter() - start
         self.last_draw = record
         return reps
 
+    def _still_valid(self, record: DrawRecord) -> bool:
+        """Whether representatives planned under ``record.excluded`` are exactly what the
+        current exclusion would draw (no class that differs had samples at that plan)."""
+        if record.excluded == self.excluded:
+            return True
+        return self.buffer.ledger.unborn_since(set(record.excluded) ^ set(self.excluded),
+                                               record.step)
+
     def exclude(self, labels: Iterable[int]) -> None:
         """Never draw samples of these class labels from now on (replaces the previous set).
 
-        Collective in effect: every rank must pass the same labels at the same step. When
-        the set changes, representatives prepared under the old set are dropped and the
-        next :meth:`augment` draws inline.
+        Collective in effect: every rank must pass the same labels at the same step.
+        Representatives prepared under the old set are kept when the change cannot affect
+        them (no class that differs holds samples), else re-drawn at the next :meth:`take`.
         """
         excluded = tuple(sorted({int(c) for c in labels}))
         if any(c < 0 for c in excluded):
             raise ValueError(f"excluded labels must be >= 0, got {list(excluded)}")
-        if excluded != self.excluded:
-            self.invalidate()
-            self.excluded = excluded
+        self.excluded = excluded
 
     def newest_draw(self) -> Optional[DrawRecord]:
         """The most recent finished draw: the one prepared for the next step (after waiting
@@ -266,26 +314,60 @@ class RehearsalPipeline:
     def invalidate(self) -> None:
         """Drop prepared representatives (after the buffer changed outside the pipeline).
 
-        Collective in effect: the next :meth:`augment` draws inline on every rank, so
-        every rank must invalidate at the same point. A draw whose device payload was
-        not exchanged yet is dropped before its collective is launched, on every rank.
+        Collective in effect: the next :meth:`take` draws inline on every rank, so every
+        rank must invalidate at the same point. A draw whose device payload was not
+        exchanged yet is dropped before its collective is launched, on every rank.
         """
         self.drain()
         self._ready = None
 
     def state_dict(self) -> dict:
-        """The step counter and excluded labels (prepared representatives are re-drawn on
-        resume, identically)."""
+        """The step counter, excluded labels and the representatives prepared for the next
+        step (the next take() returns them: a same-world resume is bit-identical), as CPU
+        tensors and plain data. Waits for the job in flight."""
         self.drain()
-        return {"step": self.step, "excluded": list(self.excluded)}
+        state = {"step": self.step, "excluded": list(self.excluded), "ready": None,
+                 "candidates_rng": self._generator.get_state()}
+        if self._ready is not None:
+            record, prepared_state = self._ready
+            reps = prepared_state.extra.get("reps")
+            ready = {"step": record.step, "excluded": list(record.excluded)}
+            if reps is not None:
+                ready["reps"] = {k: v.detach().to("cpu", copy=True) for k, v in reps.items()}
+            else:  # a device payload not exchanged yet: what this rank sends, and where
+                p = prepared_state.prepared
+                ready["send"] = p.send.to("cpu", copy=True)
+                ready["send_splits"], ready["recv_splits"] = list(p.send_splits), list(p.recv_splits)
+                ready["where"] = p.where.to("cpu", copy=True)
+            state["ready"] = ready
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (the buffer's own state is loaded apart)."""
         step = state["step"]
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"state['step'] must be an int >= 0, got {step!r}")
         self.invalidate()
         self.exclude(state.get("excluded", ()))
         self.step = step
+        if state.get("candidates_rng") is not None:
+            self._generator.set_state(state["candidates_rng"])
+        ready = state.get("ready")
+        if ready:
+            record = DrawRecord(int(ready["step"]), self.buffer.ledger.snapshot(),
+                                tuple(ready["excluded"]), self.buffer.last_exchange,
+                                self.buffer.bytes_per_sample)
+            if "reps" in ready:
+                prepared = PreparedDraw(record=record, fields={})
+                restored = StepState(prepared, extra={"reps": dict(ready["reps"])})
+            else:
+                device = self.buffer.device
+                prepared = PreparedDraw(record=record, send=ready["send"].to(device),
+                                        send_splits=list(ready["send_splits"]),
+                                        recv_splits=list(ready["recv_splits"]),
+                                        where=ready["where"].to(device))
+                restored = StepState(prepared)
+            self._ready = (record, restored)
 
     def close(self) -> None:
         """Drain and stop the worker thread (the buffer, and its process group, stay open).

@@ -1,52 +1,40 @@
-"""Class-balanced reservoir insertion: which slot, if any, each candidate takes."""
+"""This rank's slots: which stored sample each candidate replaces, if any.
+
+The per-class *counts* are decided for every rank by the replicated ledger
+(:mod:`~.ledger`); this module realises them on the rank's own shard and makes the
+choices that do not change any count, with a private generator:
+
+* ``FREE``: the candidate takes the next free slot;
+* ``EVICT`` (victim class ``v``): it takes the slot of a uniformly chosen sample of ``v``;
+* ``RESERVOIR``: with ``k`` samples of its class ``y`` held and ``n`` candidates of ``y``
+  seen here (this one included), it replaces a uniformly chosen one of them with
+  probability ``k / n``, else it is dropped (reservoir sampling within the class).
+
+Retention law (per rank and class). While the rank has free slots or the class is below
+its quota, every candidate of the class is kept; from its first ``RESERVOIR`` decision
+on, each candidate replaces a uniform sample with probability ``k / n`` and evictions
+pick uniform samples, so at every moment the stored samples of a class on a rank are a
+uniformly random subset of the candidates of that class the rank has seen, provided the
+rank's quota for the class does not grow after it first dropped a candidate (quotas only
+grow when the structure changes: a budget increase, a new experience re-offering a
+class, a rank seeing a class after others; see :mod:`~.deal`).
+
+State is plain Python (picklable): per-class slot lists, each slot's class key, and the
+candidates seen per class.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-from .quotas import ClassBudget
-
-QuotaProvider = Callable[[Dict[int, int], Sequence[int]], Dict[int, int]]
+from .ledger import EVICT, FREE, Decisions
 
 
-class ClassBalancedReservoir:
-    """Slot bookkeeping for one shard of ``capacity`` samples, steered by per-class quotas.
+class LocalReservoir:
+    """Slot bookkeeping for one shard of ``capacity`` samples (see the module doc)."""
 
-    The policy, for a candidate of class ``y`` (``n_y`` candidates of ``y`` seen so far,
-    this one included, ``k_y`` of them stored, quota ``q_y``):
-
-    1. while the shard has free slots, the candidate is stored;
-    2. otherwise, if ``k_y < q_y``, a uniformly chosen sample of the class furthest above
-       its quota (largest ``k - q``, then largest ``k``, then lowest label) is evicted
-       for it;
-    3. otherwise it replaces a uniformly chosen stored sample of its own class with
-       probability ``k_y / n_y`` (reservoir sampling within the class).
-
-    Quotas come from ``quota_provider(stored counts, seen labels)`` whenever a class is
-    seen for the first time, or from :meth:`set_quotas`. Without a provider they are
-    the class targets of this shard alone (:class:`~.quotas.ClassBudget`, budget =
-    capacity, priorities from ``class_seed``): ``capacity // K`` per class for ``K``
-    classes seen, the remainder to the classes of highest priority, and, with more
-    classes than slots, one slot for each of the ``capacity`` classes of highest priority.
-
-    Exactness (one shard, no provider): targets never grow as classes appear, and step 2
-    never takes a class below its quota, so a class that ever lost a sample never again
-    falls under its quota and is never again admitted by step 2. Until it first loses
-    one, it keeps every candidate; afterwards only step 3 and uniform evictions touch it.
-    Hence at all times the stored samples of each class are a uniformly random subset of
-    the class's candidates. (A full shard whose class is under quota always has a class
-    over quota to evict from, as quotas add up to at most the capacity.) With a global
-    provider (several ranks), quotas may grow again when samples move between ranks;
-    retention is then uniform per rank for i.i.d. streams, up to that effect.
-
-    Nothing here touches tensors: the reservoir maps labels to slots, the storage moves
-    bytes. State is plain Python (picklable); randomness comes from a private
-    ``random.Random`` seeded by ``seed``.
-    """
-
-    def __init__(self, capacity: int, seed: int = 0, class_seed: Optional[int] = None,
-                 quota_provider: Optional[QuotaProvider] = None):
+    def __init__(self, capacity: int, seed: int = 0):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
@@ -54,51 +42,20 @@ class ClassBalancedReservoir:
         self.seen: Dict[int, int] = {}
         self.slots_by_class: Dict[int, List[int]] = {}
         self.label_of_slot: List[int] = []
-        self.quotas: Dict[int, int] = {}
-        self.budget = ClassBudget(seed if class_seed is None else class_seed)
-        self.quota_provider = quota_provider
-        self._over: Set[int] = set()  # classes holding more than their quota
 
     @property
     def size(self) -> int:
         return len(self.label_of_slot)
 
     def class_counts(self) -> Dict[int, int]:
-        """Stored samples per class label (classes seen with none stored are included)."""
+        """Stored samples per class key (classes seen with none stored are included)."""
         return {c: len(s) for c, s in self.slots_by_class.items()}
 
-    # ------------------------------------------------------------------ quotas
-    def quota(self, label: int) -> int:
-        return self.quotas.get(label, 0)
+    @property
+    def _below(self):
+        """``n -> a uniform integer in [0, n)``: ``rng.randrange`` without its checks."""
+        return getattr(self.rng, "_randbelow", self.rng.randrange)
 
-    def set_quotas(self, quotas: Dict[int, int]) -> None:
-        """Replace every class's quota (classes absent from ``quotas`` get 0)."""
-        self.quotas = {int(c): int(q) for c, q in quotas.items()}
-        self._over = {c for c, s in self.slots_by_class.items() if len(s) > self.quota(c)}
-
-    def refresh_quotas(self) -> None:
-        """Recompute the quotas from the provider (or this shard's own targets)."""
-        if self.quota_provider is not None:
-            self.set_quotas(self.quota_provider(self.class_counts(), list(self.seen)))
-        else:
-            self.set_quotas(self.budget.targets(self.seen, self.capacity))
-
-    def _mark(self, label: int) -> None:
-        if len(self.slots_by_class.get(label, ())) > self.quota(label):
-            self._over.add(label)
-        else:
-            self._over.discard(label)
-
-    def _victim(self) -> Optional[int]:
-        best, best_key = None, None
-        for c in self._over:
-            k = len(self.slots_by_class[c])
-            key = (k - self.quota(c), k, -c)
-            if best_key is None or key > best_key:
-                best, best_key = c, key
-        return best
-
-    # ------------------------------------------------------------------ insertion
     def _take_slot(self, owner: int, index: int) -> int:
         """Remove and return the ``index``-th slot of class ``owner`` (swap-remove)."""
         slots = self.slots_by_class[owner]
@@ -107,98 +64,61 @@ class ClassBalancedReservoir:
         slots.pop()
         return slot
 
-    def _below(self, n: int) -> int:
-        """A uniform integer in ``[0, n)``: ``rng.randrange(n)``'s value, without its
-        argument checks (this runs for every candidate)."""
-        below = getattr(self.rng, "_randbelow", None)
-        return below(n) if below is not None else self.rng.randrange(n)
+    def apply(self, labels: Sequence[int], decisions: Decisions) -> Tuple[List[int], List[int]]:
+        """Realise one step's decisions for candidates of class keys ``labels`` (in order).
 
-    def offer(self, label: int) -> int:
-        """Offer one candidate of class ``label``; return its slot or -1 if discarded."""
-        label = int(label)
-        seen = self.seen
-        n = seen.get(label, 0) + 1
-        seen[label] = n
-        own = self.slots_by_class.get(label)
-        if own is None:  # a class seen for the first time
-            own = self.slots_by_class[label] = []
-            self.refresh_quotas()
-        if len(self.label_of_slot) < self.capacity:
-            slot = len(self.label_of_slot)
-            self.label_of_slot.append(label)
-            own.append(slot)
-            self._mark(label)
-            return slot
-        if self.capacity == 0:
-            return -1
-        if len(own) < self.quotas.get(label, 0):
-            victim = self._victim()
-            if victim is not None:
-                slot = self._take_slot(victim, self._below(len(self.slots_by_class[victim])))
-                self._mark(victim)
-                self.label_of_slot[slot] = label
-                own.append(slot)
-                self._mark(label)
-                return slot
-        j = self._below(n)
-        if j < len(own):
-            return own[j]
-        return -1
-
-    def offer_many(self, labels: Sequence[int]) -> Tuple[List[int], List[int]]:
-        """Offer candidates in order; return ``(positions, slots)`` of the ones to write.
-
-        When a later candidate of the same call takes the slot of an earlier one, only
-        the later is returned, so slots are distinct and writing them in any order gives
-        the state the sequential policy describes.
+        Returns ``(positions, slots)``: the candidates to write and where. When a later
+        candidate takes the slot of an earlier one of the same call, only the later is
+        returned, so slots are distinct and writing them in any order gives the state the
+        sequential policy describes.
         """
         writer: Dict[int, int] = {}
-        for pos, label in enumerate(labels):
-            slot = self.offer(int(label))
-            if slot >= 0:
+        seen, by_class, owner_of = self.seen, self.slots_by_class, self.label_of_slot
+        below = self._below
+        for pos, (label, kind, victim) in enumerate(zip(labels, decisions.kinds, decisions.victims)):
+            n = seen.get(label, 0) + 1
+            seen[label] = n
+            own = by_class.get(label)
+            if own is None:
+                own = by_class[label] = []
+            if kind == FREE:
+                slot = len(owner_of)
+                owner_of.append(label)
+            elif kind == EVICT:
+                slot = self._take_slot(victim, below(len(by_class[victim])))
+                owner_of[slot] = label
+            else:
+                j = below(n)
+                if j >= len(own):
+                    continue
+                slot = own[j]
                 writer[slot] = pos
+                continue
+            own.append(slot)
+            writer[slot] = pos
         items = sorted(writer.items(), key=lambda kv: kv[1])
         return [p for _, p in items], [s for s, _ in items]
 
-    # ------------------------------------------------------------------ capacity
-    def shrink(self, capacity: int) -> List[int]:
-        """Lower the capacity, evicting class-balanced; return the surviving slots.
-
-        Evicts a uniformly chosen sample of the largest class until ``size <= capacity``
-        and renumbers survivors ``0 .. size-1`` in the order of the returned old slots.
-        Quotas are not recomputed (call :meth:`refresh_quotas`).
-        """
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
+    def evict(self, counts: Dict[int, int]) -> List[int]:
+        """Evict ``counts[label]`` uniformly chosen samples of each class; return the
+        surviving old slots in order (they are renumbered ``0 .. size-1``)."""
         removed = set()
-        for _ in range(max(self.size - capacity, 0)):
-            big = max(sorted(self.slots_by_class), key=lambda c: len(self.slots_by_class[c]))
-            slots = self.slots_by_class[big]
-            removed.add(self._take_slot(big, self.rng.randrange(len(slots))))
+        for label in sorted(counts):
+            for _ in range(counts[label]):
+                slots = self.slots_by_class[label]
+                removed.add(self._take_slot(label, self._below(len(slots))))
         keep = [s for s in range(self.size) if s not in removed]
         renumber = {old: new for new, old in enumerate(keep)}
         self.label_of_slot = [self.label_of_slot[s] for s in keep]
         self.slots_by_class = {c: [renumber[s] for s in slots]
                                for c, slots in self.slots_by_class.items()}
-        self.capacity = capacity
-        self._over = {c for c, s in self.slots_by_class.items() if len(s) > self.quota(c)}
         return keep
-
-    def grow(self, capacity: int) -> None:
-        if capacity < self.size:
-            raise ValueError(f"grow() to {capacity} below the current size {self.size}")
-        self.capacity = capacity
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {
-            "capacity": self.capacity,
-            "rng": self.rng.getstate(),
-            "seen": dict(self.seen),
-            "slots_by_class": {c: list(s) for c, s in self.slots_by_class.items()},
-            "label_of_slot": list(self.label_of_slot),
-            "quotas": dict(self.quotas),
-        }
+        return {"capacity": self.capacity, "rng": self.rng.getstate(), "seen": dict(self.seen),
+                "slots_by_class": {c: list(s) for c, s in self.slots_by_class.items()},
+                "label_of_slot": list(self.label_of_slot)}
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = int(state["capacity"])
@@ -207,7 +127,3 @@ class ClassBalancedReservoir:
         self.slots_by_class = {int(c): [int(s) for s in v]
                                for c, v in state["slots_by_class"].items()}
         self.label_of_slot = [int(c) for c in state["label_of_slot"]]
-        if "quotas" in state:
-            self.set_quotas(state["quotas"])
-        else:
-            self.refresh_quotas()

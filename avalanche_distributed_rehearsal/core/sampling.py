@@ -128,6 +128,16 @@ def _uniforms_per_row(width: int) -> int:
     return 2 * width + 8
 
 
+def sample_one_rank(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """``(d,)`` int64: the draws :func:`plan_draws` gives one rank in ``"uniform"`` or
+    ``"local"`` mode over ``n`` eligible samples (the same values, the same generator use)."""
+    if d == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if _uniforms_per_row(d) > PYTHON_BRANCH_MAX:
+        return sample_distinct(torch.tensor([n]), torch.tensor([d]), gen)[0]
+    return torch.tensor(_distinct_python([n], [d], gen)[0], dtype=torch.int64)
+
+
 def _distinct_python(n_list: List[int], d_list: List[int], gen: torch.Generator) -> List[List[int]]:
     """:func:`sample_distinct` in plain Python, unpadded rows; the same values and the same
     generator use as the torch branch (one ``rand``, then a ``randperm`` per short row)."""
@@ -209,17 +219,32 @@ def plan_draws(counts: torch.Tensor, r: int, mode: str, gen: torch.Generator) ->
     independently of one another (the same sample may go to several requesters).
     """
     _check_plan_args(counts, r, mode, gen)
-    if mode == "local":
-        return _plan_local(counts, r, gen)
-    world = counts.shape[0]
-    total = int(counts.sum())
-    d = min(r, total)
-    empty = torch.zeros((world, d), dtype=torch.int64)
+    if mode == "class_balanced":
+        return _plan_balanced_or_empty(counts, r, gen)
+    return plan_from_totals(counts.sum(dim=1), r, mode, gen)
+
+
+def _empty_plan(world: int, label: bool) -> SamplingPlan:
+    empty = torch.zeros((world, 0), dtype=torch.int64)
+    return SamplingPlan(empty, empty.clone(), empty.clone() if label else None, 0)
+
+
+def _plan_balanced_or_empty(counts: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
+    d = min(r, int(counts.sum()))
     if d == 0:
-        return SamplingPlan(empty, empty.clone(), None if mode == "uniform" else empty.clone(), 0)
-    if mode == "uniform":
-        return _plan_uniform(counts, d, gen)
+        return _empty_plan(counts.shape[0], True)
     return _plan_class_balanced(counts, d, gen)
+
+
+def plan_from_totals(per_rank: torch.Tensor, r: int, mode: str, gen: torch.Generator) -> SamplingPlan:
+    """:func:`plan_draws` for the modes that need only every rank's number of eligible
+    samples, ``per_rank`` ``(world,)`` int64 (``"uniform"`` and ``"local"``): the same plan."""
+    if mode == "local":
+        return _plan_local(per_rank, r, gen)
+    d = min(r, int(per_rank.sum()))
+    if d == 0:
+        return _empty_plan(per_rank.shape[0], False)
+    return _plan_uniform(per_rank, d, gen)
 
 
 def _check_plan_args(counts, r, mode, gen) -> None:
@@ -240,18 +265,16 @@ def _check_plan_args(counts, r, mode, gen) -> None:
         raise ValueError(f"gen must be a CPU torch.Generator, got {gen!r}")
 
 
-def _plan_local(counts: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
-    world = counts.shape[0]
-    per_rank = counts.sum(dim=1)
+def _plan_local(per_rank: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
+    world = per_rank.shape[0]
     n = per_rank.clamp(max=r)
     local = sample_distinct(per_rank, n, gen)  # (world, max n), padded with -1
     owner = torch.where(local >= 0, torch.arange(world).unsqueeze(1), torch.full_like(local, -1))
     return SamplingPlan(owner, local, None, local.shape[1], n)
 
 
-def _plan_uniform(counts: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
-    world = counts.shape[0]
-    per_rank = counts.sum(dim=1)
+def _plan_uniform(per_rank: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
+    world = per_rank.shape[0]
     total = int(per_rank.sum())
     if world * _uniforms_per_row(d) <= PYTHON_BRANCH_MAX:  # small: plain Python, same plan
         sizes = per_rank.tolist()
@@ -376,21 +399,49 @@ def _plan_class_balanced(counts: torch.Tensor, d: int, gen: torch.Generator) -> 
 
 
 # ---------------------------------------------------------------------- samplers
+class Eligible:
+    """What a sampler may read of a step's eligible samples (identical on every rank).
+
+    Attributes:
+        per_rank: ``(world,)`` int64, eligible samples on each rank.
+        labels: the class labels of the columns of :meth:`matrix`.
+    ``matrix()``: ``(world, L)`` int64 eligible samples per rank and class (built on
+    first use: ``O(world * L)``; the uniform and local samplers never need it).
+    """
+
+    def __init__(self, per_rank: torch.Tensor, matrix, labels=()):
+        self.per_rank = per_rank
+        self._matrix = matrix
+        self.labels = tuple(labels)
+
+    def matrix(self) -> torch.Tensor:
+        if callable(self._matrix):
+            self._matrix = self._matrix()
+        return self._matrix
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, labels=()) -> "Eligible":
+        return cls(counts.sum(dim=1), counts, labels)
+
+
 class Sampler:
-    """A sampling policy: plans every rank's draws of a step from the all-gathered counts.
+    """A sampling policy: plans every rank's draws of a step from the eligible samples.
 
     Subclasses set :attr:`name` and implement :meth:`plan`, a pure function of its
     arguments (every rank calls it with the same ones and must get the same plan).
     :attr:`exchanges` tells whether the plan moves records between ranks (False: every
-    rank serves its own draws, no payload collective).
+    rank serves its own draws, no payload). :attr:`by_class` tells whether plans index
+    samples within their class (``SamplingPlan.label`` set) rather than within the
+    owner's eligible samples in slot order.
     """
 
     name = "sampler"
     exchanges = True
+    by_class = False
 
-    def plan(self, counts: torch.Tensor, r: int, gen: torch.Generator) -> SamplingPlan:
-        """``counts``: ``(world, L)`` int64 CPU, eligible samples per class and rank;
-        ``r``: draws per requester; ``gen``: seeded by ``(seed, step)``."""
+    def plan(self, eligible: Eligible, r: int, gen: torch.Generator) -> SamplingPlan:
+        """``eligible``: see :class:`Eligible`; ``r``: draws per requester; ``gen``: seeded
+        by ``(seed, step)``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -402,17 +453,18 @@ class UniformSampler(Sampler):
 
     name = "uniform"
 
-    def plan(self, counts, r, gen):
-        return plan_draws(counts, r, "uniform", gen)
+    def plan(self, eligible, r, gen):
+        return plan_from_totals(eligible.per_rank, r, "uniform", gen)
 
 
 class ClassBalancedSampler(Sampler):
     """Each draw: a class uniformly among those not exhausted, then one of its samples."""
 
     name = "class_balanced"
+    by_class = True
 
-    def plan(self, counts, r, gen):
-        return plan_draws(counts, r, "class_balanced", gen)
+    def plan(self, eligible, r, gen):
+        return _plan_balanced_or_empty(eligible.matrix(), r, gen)
 
 
 class LocalSampler(Sampler):
@@ -421,8 +473,8 @@ class LocalSampler(Sampler):
     name = "local"
     exchanges = False
 
-    def plan(self, counts, r, gen):
-        return plan_draws(counts, r, "local", gen)
+    def plan(self, eligible, r, gen):
+        return plan_from_totals(eligible.per_rank, r, "local", gen)
 
 
 SAMPLERS = {cls.name: cls for cls in (UniformSampler, ClassBalancedSampler, LocalSampler)}

@@ -113,47 +113,46 @@ class ShardStorage:
         follow the rules of :meth:`write`.
         """
         assert self.rows is not None and self.layout is not None, "allocate() before write"
-        if not len(slots):
+        n = len(slots)
+        if not n:
             return
         top = max(slots) + 1
         if top > self.capacity:
             raise IndexError(f"slot {top - 1} out of range for capacity {self.capacity}")
-        prefix = rows is None or list(rows) == list(range(len(rows)))  # rows 0..n-1: no gather
-        if rows is not None and len(rows) != len(slots):
-            raise ValueError(f"rows ({len(rows)}) and slots ({len(slots)}) must have the same length")
+        if rows is not None and len(rows) != n:
+            raise ValueError(f"rows ({len(rows)}) and slots ({n}) must have the same length")
+        prefix = rows is None or list(rows) == list(range(n))  # rows 0..n-1: no gather
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
         # Asynchronous only into CUDA storage: a non-blocking copy *to* the CPU returns before
         # the bytes land, and a later CPU read of the storage would not wait for them.
         non_blocking = self.device.type == "cuda"
-        picked = None
+        picked: Dict[torch.device, torch.Tensor] = {}
         columns = self.columns()
         for name, spec in self.layout.fields.items():
-            value = _fit_range(values[name], spec.dtype)
+            value = values[name]
             column = columns[name]
-            if value.is_cuda and self.device.type == "cpu":
-                # Select on the GPU, then one copy into a pinned buffer (waited for in the
-                # calling thread, on its own stream only), then into the storage.
-                if prefix:
-                    value = value[: len(slots)]
-                else:
-                    value = value.index_select(0, torch.tensor(rows, dtype=torch.int64,
-                                                               device=value.device))
-                staged = self.staging.to_host(f"write-{name}", value)
-                column.index_copy_(0, index, staged.to(spec.dtype))
-                continue
-            if not prefix and spec.nbytes >= _ROW_COPY_BYTES:
+            if not prefix and spec.nbytes >= _ROW_COPY_BYTES and not (
+                    value.is_cuda and self.device.type == "cpu"):
                 # Large samples, some rows kept: copy row by row, no gathered temporary.
                 for slot, row in zip(slots, rows):
-                    column[slot].copy_(value[row], non_blocking=non_blocking)
+                    column[slot].copy_(_fit_range(value[row], spec.dtype), non_blocking=non_blocking)
                 continue
             if prefix:
-                value = value[: len(slots)]
+                value = value[:n]
             else:
-                if picked is None or picked.device != value.device:
-                    picked = torch.tensor(rows, dtype=torch.int64, device=value.device)
-                value = value.index_select(0, picked)
-            column.index_copy_(0, index, value.to(self.device, dtype=spec.dtype,
-                                                  non_blocking=non_blocking))
+                at = picked.get(value.device)
+                if at is None:
+                    at = picked[value.device] = torch.tensor(rows, dtype=torch.int64,
+                                                              device=value.device)
+                value = value.index_select(0, at)
+            value = _fit_range(value, spec.dtype)
+            if value.is_cuda and self.device.type == "cpu":
+                # One copy into a pinned buffer (waited for in the calling thread, on its
+                # own stream only), then into the storage.
+                value = self.staging.to_host(f"write-{name}", value)
+            if value.device != self.device or value.dtype != spec.dtype:
+                value = value.to(self.device, dtype=spec.dtype, non_blocking=non_blocking)
+            column.index_copy_(0, index, value)
         self.size = max(self.size, top)
 
     def gather(self, slots: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -196,6 +195,17 @@ class ShardStorage:
             held = torch.empty(rows * row_bytes, dtype=torch.uint8)
             self._scratch[name] = held
         return held[: rows * row_bytes].view(rows, row_bytes)
+
+    def scratch_bytes(self, name: str, nbytes: int) -> Optional[torch.Tensor]:
+        """A flat ``(nbytes,)`` uint8 buffer named ``name``, reused like :meth:`scratch`
+        (CPU storage only; None for CUDA storage)."""
+        if self.device.type != "cpu":
+            return None
+        held = self._scratch.get(name)
+        if held is None or held.numel() < nbytes:
+            held = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._scratch[name] = held
+        return held[:nbytes]
 
     def fields(self) -> Dict[str, torch.Tensor]:
         """Zero-copy views of each field over the occupied rows ``[0, size)``."""

@@ -6,6 +6,7 @@ that was expected.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,18 +44,74 @@ def to_int64_cpu(name: str, values: torch.Tensor) -> torch.Tensor:
     return values.to("cpu", torch.int64)
 
 
-def check_label_values(labels: Optional[torch.Tensor], task_labels: Optional[torch.Tensor]) -> None:
-    """Value checks of CPU int64 tensors, either may be None (reads them: call off the
-    hot path).
+def label_values_error(labels: Optional[torch.Tensor],
+                       task_labels: Optional[torch.Tensor]) -> Optional[ValueError]:
+    """The ValueError for bad values of CPU int64 label tensors (either may be None), or
+    None when they are fine (reads them: call off the hot path of the training thread).
 
     Labels may be any int64 >= 0 (sparse or huge labels cost nothing extra: the buffer's
-    metadata grows with the classes present, not with the largest label).
+    metadata grows with the candidates of a step, not with the largest label).
     """
     if labels is not None and labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be non-negative class indices in [0, 2**63 - 1], got "
-                         f"min {int(labels.min())}")
+        return ValueError(f"labels must be non-negative class indices in [0, 2**63 - 1], got "
+                          f"min {int(labels.min())}")
     if task_labels is not None and task_labels.numel() and int(task_labels.min()) < 0:
-        raise ValueError(f"task_labels must be non-negative, got min {int(task_labels.min())}")
+        return ValueError(f"task_labels must be non-negative, got min {int(task_labels.min())}")
+    return None
+
+
+def label_list_error(labels: Optional[list], task_labels: Optional[list]) -> Optional[ValueError]:
+    """:func:`label_values_error` for labels already read into Python lists."""
+    if labels and min(labels) < 0:
+        return ValueError(f"labels must be non-negative class indices in [0, 2**63 - 1], got "
+                          f"min {min(labels)}")
+    if task_labels and min(task_labels) < 0:
+        return ValueError(f"task_labels must be non-negative, got min {min(task_labels)}")
+    return None
+
+
+def check_label_values(labels: Optional[torch.Tensor], task_labels: Optional[torch.Tensor]) -> None:
+    """Raise what :func:`label_values_error` returns."""
+    error = label_values_error(labels, task_labels)
+    if error is not None:
+        raise error
+
+
+def storage_cast_error(name: str, value: torch.Tensor, dtype: torch.dtype) -> Optional[ValueError]:
+    """The ValueError when casting ``value`` to the integer storage ``dtype`` would change
+    it (a float that is not an integer, or a value outside the dtype's range: e.g.
+    normalised floats stored as uint8), else None. Floating-point storage never errs
+    (narrower floats are clamped to their range on the way in)."""
+    if dtype.is_floating_point or value.numel() == 0 or value.dtype == dtype:
+        return None
+    info = torch.iinfo(dtype)
+    if value.is_floating_point():
+        lo, hi = float(value.min()), float(value.max())
+        integral = bool((value == value.round()).all())
+    else:
+        if torch.iinfo(value.dtype).min >= info.min and torch.iinfo(value.dtype).max <= info.max:
+            return None
+        lo, hi, integral = int(value.min()), int(value.max()), True
+    if integral and lo >= info.min and hi <= info.max:
+        return None
+    kind = "integers" if integral else "non-integer values"
+    return ValueError(f"field {name!r} holds {kind} in [{lo}, {hi}], which its storage dtype "
+                      f"{str(dtype).replace('torch.', '')} cannot hold (range [{info.min}, "
+                      f"{info.max}]); store such a field in a floating-point dtype, or give "
+                      "integer values in range (e.g. raw uint8 images before normalisation)")
+
+
+def check_storage_values(record, layout) -> Optional[ValueError]:
+    """:func:`storage_cast_error` of the first field of ``record`` (a mapping of field
+    names to tensors) that ``layout`` stores in an integer dtype it does not fit."""
+    for name, spec in layout.fields.items():
+        value = record.get(name)
+        if value is None or name in ("label", "task"):
+            continue
+        error = storage_cast_error(name, value, spec.dtype)
+        if error is not None:
+            return error
+    return None
 
 
 def all_finite(inputs: torch.Tensor) -> bool:
@@ -67,7 +124,7 @@ def all_finite(inputs: torch.Tensor) -> bool:
     """
     if not inputs.is_floating_point() or inputs.numel() == 0:
         return True
-    if bool(torch.isfinite(inputs.sum())):
+    if math.isfinite(inputs.sum().item()):
         return True
     return bool(torch.isfinite(inputs).all())
 

@@ -27,8 +27,13 @@ class WorkerTimeoutError(TimeoutError):
     """The background worker did not finish a job within the configured timeout."""
 
 
-def _serve(jobs: "queue.SimpleQueue") -> None:
-    """The thread's loop: run ``(future, fn, args)`` items in order until ``None``."""
+def _serve(jobs: "queue.SimpleQueue", threads: int) -> None:
+    """The thread's loop: run ``(future, fn, args)`` items in order until ``None``.
+
+    The thread first sets its own intra-op thread count: each thread that runs torch ops
+    has an OpenMP team of its own, and a worker left at the process default would fight
+    the training thread's team for the same cores."""
+    torch.set_num_threads(threads)
     while True:
         item = jobs.get()
         if item is None:
@@ -53,8 +58,9 @@ class _JobThread:
     stops the thread). The thread starts at the first job.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, threads: int = 1):
         self.name = name
+        self.threads = threads
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.thread: Optional[threading.Thread] = None
         self.lock = threading.Lock()
@@ -69,7 +75,7 @@ class _JobThread:
             if self.thread is None:
                 # A daemon: a job blocked in a collective (a peer rank stopped) must not
                 # keep the interpreter alive after Ctrl-C; see _stop_all_at_exit.
-                self.thread = threading.Thread(target=_serve, args=(self.queue,),
+                self.thread = threading.Thread(target=_serve, args=(self.queue, self.threads),
                                                name=self.name, daemon=True)
                 with _live_lock:
                     _live.add(self)
@@ -146,6 +152,10 @@ class BackgroundWorker:
             Host synchronisations inside a job (a copy to the CPU, a value read) wait for
             the worker's stream only, never for the queued training kernels.
 
+    threads: the intra-op (OpenMP) threads of the worker's torch operations (default 1):
+        set by the worker thread for itself, so its small operations never compete with
+        the training thread's team for the cores (the training thread keeps its own count).
+
     An exception raised by a job is re-raised by :meth:`result` in the calling thread,
     with the job's original traceback attached. The thread (named ``rehearsal-worker-N``)
     starts at the first job and ends on :meth:`close` or when the worker is
@@ -156,13 +166,16 @@ class BackgroundWorker:
     """
 
     def __init__(self, timeout: Optional[float] = None, device: Optional[torch.device] = None,
-                 name: str = "rehearsal-worker"):
+                 name: str = "rehearsal-worker", threads: int = 1):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
         if timeout is None:
             from .exchange import process_group_timeout
 
             timeout = process_group_timeout()
         self.timeout = float(timeout)
-        self._jobs = _JobThread(f"{name}-{next(_names)}")
+        self.threads = threads
+        self._jobs = _JobThread(f"{name}-{next(_names)}", threads)
         self._finalizer = weakref.finalize(self, self._jobs.close, self.timeout)
         self._finalizer.atexit = False  # exit is handled by _stop_all_at_exit
         self.device = None
