@@ -80,7 +80,7 @@ def buffer_ops(rank: int, world: int, cfg: dict) -> List[Dict]:
     rows = []
     for shape_name, dtype_name, buf, pool in full_buffers(world, rank, cfg):
         r, device = cfg["r"], buf.device
-        counts = buf.refresh().stored
+        counts = buf.ledger.eligible_matrix()
         state = {"i": 0, "step": 0}
 
         def insert():

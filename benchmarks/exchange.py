@@ -40,7 +40,7 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
         return []
     rows = []
     for shape_name, dtype_name, buf, _ in full_buffers(world, rank, cfg):
-        counts = buf.refresh().stored
+        counts = buf.ledger.eligible_matrix()
         row_bytes = buf.storage.layout.row_bytes
         group = buf.exchange.payload_group
         for r in cfg["r_values"]:

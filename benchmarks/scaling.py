@@ -35,7 +35,7 @@ def scaling(rank: int, world: int, cfg: dict) -> List[Dict]:
     rows = []
     r = cfg["r"]
     for shape_name, dtype_name, buf, _ in full_buffers(world, rank, cfg):
-        counts = buf.refresh().stored
+        counts = buf.ledger.eligible_matrix()
         row_bytes = buf.storage.layout.row_bytes
         totals = dict.fromkeys(FIELDS, 0)
         totals["off_rank_sent"] = 0

@@ -32,6 +32,7 @@ from .plugin import DistributedReplayPlugin
 
 TRAINING_FILE = "training.pt"
 RNG = "rng"
+READY = "ready"  # each rank's representatives prepared for the next step
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -109,11 +110,14 @@ def save_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     """
     core = plugin._ensure_pipeline(strategy).buffer
     plugin_state = plugin.state_dict(include_buffer=False)  # shards go to their own files
+    # this rank's own pipeline state: the prepared draw and the candidate picker's generator
+    own = {k: plugin_state["pipeline"].pop(k, None) for k in ("ready", "candidates_rng")}
     training = {"model": _unwrap(strategy.model).state_dict(),
                 "optimizer": strategy.optimizer.state_dict(),
                 "clock": _clock_state(strategy), "plugin": plugin_state}
     save_buffer_checkpoint(core, path, step=plugin_state["pipeline"]["step"], extra=extra,
-                           rank0_files={TRAINING_FILE: training}, rank_files={RNG: _rng_state()})
+                           rank0_files={TRAINING_FILE: training},
+                           rank_files={RNG: _rng_state(), READY: own})
 
 
 def load_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugin) -> dict:
@@ -146,6 +150,12 @@ def load_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     strategy.optimizer.load_state_dict(training["optimizer"])
     for key, value in training["clock"].items():
         setattr(strategy.clock, key, value)
-    plugin.load_state_dict(training["plugin"], strategy)
+    plugin_state = dict(training["plugin"], pipeline=dict(training["plugin"]["pipeline"]))
+    if manifest["world_size"] == pipeline.buffer.world_size and READY in manifest.get("rank_files", ()):
+        # the same ranks: the representatives prepared before the save and the candidate
+        # picker's state, so that the next step is the one the interrupted run would have
+        # made (otherwise the representatives are drawn anew)
+        plugin_state["pipeline"].update(_load(os.path.join(directory, rank_file_name(READY, rank))))
+    plugin.load_state_dict(plugin_state, strategy)
     _set_rng_state(rng)
     return manifest.get("extra", {})

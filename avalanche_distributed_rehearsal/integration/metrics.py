@@ -28,15 +28,15 @@ When the values are taken (``every``):
   describe the buffer after every candidate of the experience was inserted; per-step
   quantities are summarised (mean per step; the wait time is the experience's total).
 
-Global values never need a collective of their own. With
-:class:`DistributedReplayPlugin`, every draw already all-gathers the per-class counts of
-every shard (on the buffer's own gloo group); the metrics keep the table of the draw in
-question (``RehearsalPipeline.last_draw``, a
-:class:`~avalanche_distributed_rehearsal.core.DrawRecord`), so the global size and global
-per-class counts are exact, identical on every rank, and free. Without per-step draws
-(the buffer used through the stock ``ReplayPlugin``), ``post_adapt`` ends with the same
-gather, and the metrics read that table (``ShardedRehearsalBuffer.last_table``). Local
-metrics never communicate.
+Global values never need a collective of their own: every rank holds the replicated
+ledger of every shard's per-class counts (``ShardedRehearsalBuffer.ledger``), updated at
+every step from the metadata the step's one collective carries. Per-step values describe
+the draw of the step (``RehearsalPipeline.last_draw``, a
+:class:`~avalanche_distributed_rehearsal.core.DrawRecord`: the counts its plan saw);
+per-experience values the buffer after every candidate of the experience was inserted
+(the ledger, after waiting for the job in flight), with the plugin as with the stock
+``ReplayPlugin``. They are exact, identical on every rank, and free. Local metrics never
+communicate.
 """
 
 from __future__ import annotations
@@ -198,18 +198,17 @@ class _CountsMetric(_SnapshotMetric):
 
     def _counts(self, strategy, newest: bool) -> Optional[Dict[int, int]]:
         """``{class: stored samples}`` for this metric's scope, or None before any storage."""
-        record = self._record(strategy, newest)
         policy = self._policy(strategy)
-        if record is not None:
-            return record.class_counts(None if self.scope == "global" else policy.rank)
-        core = policy.core if policy is not None else None
-        if core is None or policy.pipeline is not None:
-            # no buffer yet, or a plugin-driven buffer with no finished draw: nothing sure
+        if policy is None:
             return None
-        if self.scope == "local":
-            return core.class_counts()  # no pipeline: the core is idle in this thread
-        table = core.last_table  # gathered at the end of post_adapt
-        return None if table is None else table.class_counts()
+        rank = None if self.scope == "global" else policy.rank
+        if not newest and policy.pipeline is not None:
+            record = self._record(strategy)
+            return None if record is None else record.class_counts(rank)
+        core = policy.core  # waits for the job in flight: every candidate inserted
+        if core is None:
+            return None
+        return core.ledger.class_counts(rank)  # every rank holds every shard's counts
 
 
 class BufferSize(_CountsMetric):

@@ -142,6 +142,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.storage_policy = storage_policy
         self.store_outputs = store_outputs
         self.seen_classes: Set[int] = set()
+        #: Experiences whose training ended (the index of the one in training, in the
+        #: buffer's step context: every rank counts the same).
+        self.experiences = 0
         self._pending_state: Optional[dict] = None
         self._experience_classes: Optional[Set[int]] = None  # of the experience in training
         #: The representatives of the current step (every stored field, ``(d, ...)``, on
@@ -190,9 +193,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         pipeline = self._ensure_pipeline(strategy)
         missing = () if self.store_outputs is None else (self.store_outputs,)
         self.new_rows = pipeline.buffer.check_record(record, missing)  # before any change
-        context = step_context(strategy)
+        context = step_context(strategy, self.experiences)
         device = next(iter(record.values())).device
-        reps = pipeline.take(device, context)
+        reps = pipeline.take(device, context, steps_left(strategy, context))
         strategy.mbatch = self.batch_fields.merge(mbatch, reps)
         self.last_replay = reps
         self.replayed_rows = pipeline.last_representatives
@@ -222,6 +225,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         # online, it overlaps the next call's set-up. Whatever reads the buffer waits.
         if self._experience_classes is not None:
             self.seen_classes |= self._experience_classes
+        self.experiences += 1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, include_buffer: bool = True) -> dict:
@@ -241,14 +245,16 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         if include_buffer and buffer is None and self.storage_policy._has_shard():
             buffer = self.storage_policy.state_dict()
         return {"buffer": buffer, "pipeline": dict(state["pipeline"]),
-                "seen_classes": list(state["seen_classes"])}
+                "seen_classes": list(state["seen_classes"]),
+                "experiences": int(state.get("experiences", 0))}
 
     def _counters(self) -> dict:
         """The state to resume from, the shard left out unless a pending state holds one."""
         if self.pipeline is None and self._pending_state is not None:
             return self._pending_state
         pipeline = {} if self.pipeline is None else self.pipeline.state_dict()
-        return {"buffer": None, "pipeline": pipeline, "seen_classes": sorted(self.seen_classes)}
+        return {"buffer": None, "pipeline": pipeline, "seen_classes": sorted(self.seen_classes),
+                "experiences": self.experiences}
 
     def __getstate__(self) -> dict:
         """Settings, the storage policy and :meth:`state_dict` less the shard, pending.
@@ -291,6 +297,10 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         if state["pipeline"]:
             pipeline.load_state_dict(state["pipeline"])
         self.seen_classes = set(seen)
+        experiences = state.get("experiences", 0)
+        if not isinstance(experiences, int) or isinstance(experiences, bool) or experiences < 0:
+            raise ValueError(f"state['experiences'] must be an int >= 0, got {experiences!r}")
+        self.experiences = experiences
 
     def close(self) -> None:
         """Stop the background worker and release the buffer's process group. Idempotent.
@@ -303,19 +313,31 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.storage_policy.close()
         if pipeline is not None and self._pending_state is None:
             self._pending_state = {"buffer": None, "pipeline": pipeline.state_dict(),
-                                   "seen_classes": sorted(self.seen_classes)}
+                                   "seen_classes": sorted(self.seen_classes),
+                                   "experiences": self.experiences}
 
 
-def step_context(strategy) -> StepContext:
+def step_context(strategy, experience: Optional[int] = None) -> StepContext:
     """Where the strategy is in training, for the buffer's cross-rank step checks:
-    experience, epoch, iteration within the epoch and iterations per epoch."""
+    experience (``experience``, default the strategy clock's count of trained
+    experiences), epoch, iteration within the epoch and iterations per epoch."""
     clock = strategy.clock
     try:
         epoch_length = len(strategy.dataloader)
     except TypeError:  # a loader without a length
         epoch_length = -1
-    return StepContext(clock.train_exp_counter, clock.train_exp_epochs,
-                       clock.train_epoch_iterations, epoch_length)
+    exp = clock.train_exp_counter if experience is None else experience
+    return StepContext(exp, clock.train_exp_epochs, clock.train_epoch_iterations, epoch_length)
+
+
+def steps_left(strategy, context: StepContext) -> Optional[int]:
+    """Training iterations left in the current experience after this one (None when the
+    loader has no length): lets the pipeline know when the exclusion of new classes ends."""
+    if context.epoch_length < 0:
+        return None
+    epochs = max(int(getattr(strategy, "train_epochs", 1) or 1), 1)
+    left_in_epoch = context.epoch_length - context.iteration - 1
+    return max(0, (epochs - context.epoch - 1) * context.epoch_length + left_in_epoch)
 
 
 def _experience_classes(experience) -> Optional[Set[int]]:

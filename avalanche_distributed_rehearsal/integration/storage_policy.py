@@ -195,9 +195,9 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         Collective: every rank must call it for the same experience (Avalanche's
         ``ReplayPlugin`` does, after each experience); the shards together then see each
         sample of the experience exactly once. The samples go in chunks of
-        :data:`POST_ADAPT_CHUNK` per rank, the same number of chunks on every rank, each
-        preceded by a gather of every rank's per-class counts (the quotas stay global),
-        and one more gather at the end, whose counts the buffer metrics report.
+        :data:`POST_ADAPT_CHUNK` per rank, the same number of chunks on every rank; each
+        chunk is one collective insertion, so the quotas of every rank know every class
+        of the chunk, on every rank, before anything is stored.
         """
         dataset = exp.dataset
         if hasattr(dataset, "eval"):
@@ -208,15 +208,13 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         indices = list(range(rank, len(dataset), world))
         chunks = -(-(-(-len(dataset) // world)) // POST_ADAPT_CHUNK)  # same on every rank
         for k in range(chunks):
-            core.refresh(step=k)
             part = indices[k * POST_ADAPT_CHUNK:(k + 1) * POST_ADAPT_CHUNK]
-            if not part:
-                continue
-            loader = DataLoader(torch.utils.data.Subset(dataset, part), batch_size=len(part),
-                                shuffle=False, num_workers=0)
-            for batch in loader:  # (x, y[, ..., t]) samples or dictionaries
-                core.insert_record(self.fields.to_record(batch))
-        core.refresh(step=chunks)
+            record = None
+            if part:
+                loader = DataLoader(torch.utils.data.Subset(dataset, part), batch_size=len(part),
+                                    shuffle=False, num_workers=0)
+                record = self.fields.to_record(next(iter(loader)))  # (x, y[, ..., t]) or a dict
+            core.insert_record(record)
         if self.pipeline is not None:
             self.pipeline.invalidate()
 
