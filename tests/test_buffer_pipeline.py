@@ -46,15 +46,16 @@ def test_split_budget_adds_up():
 
 def test_no_one_step_lag_and_b_plus_r_rows():
     buf, outs = run(async_mode=True)
-    seen = set()
+    seen = set()  # samples of steps before the previous one: R_i is planned before x_(i-1) enters
     for i, (x, y, t) in enumerate(outs):
         bx, by, _ = batch(i)
         assert torch.equal(x[:16], bx) and torch.equal(y[:16], by)
         reps = ids(x[16:])
         assert not set(reps) & set(ids(bx)), "x_i never rehearsed at its own step"
-        assert set(reps) <= seen, "representatives come from earlier steps only"
-        assert x.shape[0] == 16 + min(8, min(50, 6 * i))
-        seen |= set(ids(bx))
+        assert set(reps) <= seen, "representatives come from steps before i - 1 only"
+        assert x.shape[0] == 16 + min(8, min(50, 6 * max(i - 1, 0)))
+        if i >= 1:
+            seen |= set(ids(batch(i - 1)[0]))
     assert len(buf) == 50
 
 
@@ -99,11 +100,12 @@ def test_worker_exception_surfaces_at_next_step_with_traceback(monkeypatch):
     buf = ShardedRehearsalBuffer(20)
     pipe = RehearsalPipeline(buf, 4, 4, async_mode=True)
     pipe.augment(*batch(0))
+    pipe.drain()  # step 0's job ran before the failure is planted
 
     def broken_insert(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(buf, "insert_record", broken_insert)
+    monkeypatch.setattr(buf, "_insert", broken_insert)
     pipe.augment(*batch(1))  # the job fails in the background
     with pytest.raises(RuntimeError, match="disk on fire") as info:
         pipe.augment(*batch(2))
@@ -200,7 +202,7 @@ def test_exclusion_and_offer_flag_are_exact_in_both_modes():
     for (_, a, _, _), (_, b, _, _) in zip(runs, runs[1:]):
         assert all(torch.equal(u, v) for x, y in zip(a, b) for u, v in zip(x, y))
     buf, outs, records, state = runs[0]
-    assert state == {"step": 30, "excluded": []}
+    assert state["step"] == 30 and state["excluded"] == [] and state["ready"] is not None
     for i, ((x, y, _), record) in enumerate(zip(outs, records)):
         reps = y[16:]
         assert record.step == i and len(reps) == record.stats.representatives

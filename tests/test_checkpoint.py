@@ -9,7 +9,7 @@ import torch
 from dist_harness import run_ranks
 from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
 from avalanche_distributed_rehearsal.core.checkpoint import (CheckpointError, load_buffer_checkpoint,
-                                                             save_buffer_checkpoint)
+                                                             rank_file_name, save_buffer_checkpoint)
 
 
 def rank_batch(rank, step, b=10):
@@ -36,12 +36,15 @@ def resume_run(rank, world, path, async_mode, steps=24, cut=12, mem=40):
 
     buf, pipe = make()
     first = [pipe.augment(*rank_batch(rank, i))[0] for i in range(cut)]
-    save_buffer_checkpoint(buf, path, step=pipe.state_dict()["step"])
+    # the pipeline's state (step counter, the representatives prepared for the next step)
+    # travels with the shard, one file per rank
+    save_buffer_checkpoint(buf, path, step=cut, rank_files={"pipeline": pipe.state_dict()})
     pipe.close(); buf.close()
 
     buf, pipe = make()
-    manifest = load_buffer_checkpoint(buf, path)
-    pipe.load_state_dict({"step": manifest["step"]})
+    load_buffer_checkpoint(buf, path)
+    with open(os.path.join(path, rank_file_name("pipeline", rank)), "rb") as f:
+        pipe.load_state_dict(torch.load(f, weights_only=True))
     resumed = first + [pipe.augment(*rank_batch(rank, i))[0] for i in range(cut, steps)]
     pipe.close(); buf.close()
     return all(torch.equal(a, b) for a, b in zip(straight, resumed))

@@ -85,6 +85,8 @@ def unequal_draws(rank, world, sampling, steps, exclude=()):
     elif rank == 1:
         buf.insert(torch.arange(100, 104, dtype=torch.float32).view(4, 1),
                    torch.full((4,), 4))
+    else:
+        buf.insert(None)  # insert() is collective: a rank with nothing to offer takes part
     got = []
     for step in range(steps):
         reps = buf.draw(4, step, exclude=exclude)

@@ -268,17 +268,17 @@ def test_keyboard_interrupt_in_a_hook_then_close_leaves_no_worker_thread():
 
 
 def block_inserts(buf):
-    """Make ``buf.insert_record`` wait for ``release`` (set ``entered`` first); return both events
-    and the original method, to put back."""
+    """Make the insertion stage of ``buf``'s steps wait for ``release`` (set ``entered``
+    first); return both events and the original method, to put back."""
     release, entered = threading.Event(), threading.Event()
-    original = buf.insert_record
+    original = buf._insert
 
     def slow_insert(*args, **kwargs):
         entered.set()
         release.wait(20)
         return original(*args, **kwargs)
 
-    buf.insert_record = slow_insert
+    buf._insert = slow_insert
     return release, entered, original
 
 
@@ -310,7 +310,7 @@ def test_interrupted_wait_keeps_the_job_until_it_ends():
     state = pipe.state_dict()  # must wait for the job, not read the buffer alongside it
     assert time.monotonic() - start > 0.3
     assert len(buf) == size + 4 and state["step"] == pipe.step
-    buf.insert_record = original
+    buf._insert = original
     for _ in range(3):  # training can go on after the interrupt
         x, _, _ = pipe.augment(*batch())
         assert x.shape[0] == 8 + 4

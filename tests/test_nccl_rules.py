@@ -74,8 +74,9 @@ def metadata_beside_a_cuda_only_payload_group(rank, world):
     assert not serves(exchange.payload_group, "cpu") and serves(exchange.meta_group, "cpu")
     buf = ShardedRehearsalBuffer(40, seed=2, exchange=exchange)
     pipe = RehearsalPipeline(buf, batch_size_mem=0, num_candidates=6)
-    if rank == 0:  # rank 1 learns the sample layout from rank 0 (an object all-gather)
-        buf.insert(torch.randn(3, 3), torch.tensor([0, 1, 2]))
+    # insert() is collective; rank 1 offers nothing and learns the sample layout from
+    # rank 0 (an object all-gather on the metadata group)
+    buf.insert(torch.randn(3, 3), torch.tensor([0, 1, 2])) if rank == 0 else buf.insert(None)
     for x, y in batches(rank, 10):
         pipe.augment(x, y)
     pipe.close()

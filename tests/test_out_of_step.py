@@ -100,8 +100,9 @@ def learns_layout_during_take(rank, world, sim, stored_at_error):
     from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
 
     buf = ShardedRehearsalBuffer(20, seed=0, exchange=sim.exchange(rank))
-    if rank == 0:  # e.g. a shard loaded from a checkpoint: rank 1 has no layout yet
-        buf.insert(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    # insert() is collective: rank 1 offers nothing and learns the layout from rank 0
+    buf.insert(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])) if rank == 0 else buf.insert(None)
+    assert buf.layout is not None
     pipe = RehearsalPipeline(buf, 2, 4, async_mode=False)
     width = 3 if rank == 0 else 5  # rank 1's batch does not fit the layout it will learn
     try:
@@ -113,9 +114,9 @@ def learns_layout_during_take(rank, world, sim, stored_at_error):
         pipe.close()
 
 
-def test_a_batch_checked_before_take_is_checked_again_when_take_learns_the_layout():
-    """augment() checks the batch before take(); when take() learns the sample layout from
-    another rank, the candidates are checked against it before anything is stored."""
+def test_a_rank_that_learnt_the_layout_from_another_refuses_a_mismatched_batch():
+    """A rank that stored nothing learns the sample layout from the ranks that did, at the
+    same step; a batch that does not fit it is refused before anything is stored."""
     stored_at_error = {}
     with pytest.raises(ValueError, match=r"per-sample shape \(3,\).*got \(5,\)"):
         run_threads(learns_layout_during_take, 2, stored_at_error, timeout=30)

@@ -65,13 +65,24 @@ def params(strategy):
     return torch.cat([p.detach().flatten() for p in strategy.model.parameters()])
 
 
+def same(a, b) -> bool:
+    """Equality of nested plain data and tensors (tensors: same dtype and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def assert_same_shard(got: dict, want: dict):
     """Two ``ShardedRehearsalBuffer.state_dict()``s hold the same shard, bit for bit."""
     assert set(got) == set(want)
     assert torch.equal(got["rows"], want["rows"]) and got["rows"].dtype == want["rows"].dtype
     assert got["reservoir"] == want["reservoir"]  # slots, per-class seen counters, RNG
-    assert {k: v for k, v in got.items() if k != "rows"} == \
-        {k: v for k, v in want.items() if k != "rows"}
+    assert same(got, want)  # the replicated ledger (tensors) and everything else
 
 
 def fields(policy):
@@ -129,7 +140,7 @@ def test_avalanche_checkpoint_round_trips_a_strategy_using_our_objects(tmp_path,
         assert_same_shard(policy.state_dict(), saved_shard)
         assert all(torch.equal(a, b) for a, b in zip(fields(policy), saved_fields))
     if kind == "ours":
-        assert restored.state_dict(include_buffer=False) == saved_plugin
+        assert same(restored.state_dict(include_buffer=False), saved_plugin)
         assert restored.seen_classes == {0, 1, 2, 3}
     torch.manual_seed(7)
     fresh.train(bench.train_stream[2])  # training goes on, exactly as it did without a break
@@ -164,11 +175,12 @@ def checkpoint_per_rank(rank, world, directory):
     loaded_counters = restored.state_dict(include_buffer=False)
     core = policy.materialize(fresh.device)  # collective: every rank creates its shard
     loaded = core.state_dict()
-    same = torch.equal(loaded["rows"], shard["rows"]) and loaded["reservoir"] == shard["reservoir"]
+    same_shard = torch.equal(loaded["rows"], shard["rows"]) and loaded["reservoir"] == shard["reservoir"]
+    counters_kept = same(loaded_counters, counters)
     fresh.train(bench.train_stream[2])
     core = policy.core  # waits for the job train() leaves in flight (it runs collectives)
-    out = {"same_shard": same, "rank": core.rank, "world": core.world_size,
-           "counters": (loaded_counters == counters), "step": restored.pipeline.step,
+    out = {"same_shard": same_shard, "rank": core.rank, "world": core.world_size,
+           "counters": counters_kept, "step": restored.pipeline.step,
            "saved_step": counters["pipeline"]["step"], "global": sum(core.global_counts().values()),
            "classes": sorted(restored.seen_classes)}
     restored.close()
@@ -209,7 +221,7 @@ def test_pickle_and_deepcopy_before_and_after_training_and_after_close():
     shard, step = policy.state_dict(), plugin.pipeline.step
     for obj in round_trips(plugin):
         assert obj.pipeline is None and obj is not plugin
-        assert obj.state_dict(include_buffer=False) == plugin.state_dict(include_buffer=False)
+        assert same(obj.state_dict(include_buffer=False), plugin.state_dict(include_buffer=False))
         assert_same_shard(obj.storage_policy.state_dict(), shard)
         assert_same_shard(obj.state_dict()["buffer"], shard)
     for obj in round_trips(policy):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from avalanche_distributed_rehearsal.core import (ClassBudget, QuotaPlanner,
-                                                  ShardedRehearsalBuffer, deal_quotas,
-                                                  split_budget)
+from avalanche_distributed_rehearsal.core import (ClassBudget, ShardedRehearsalBuffer,
+                                                  SingleLedger, StepContext, split_budget)
+from avalanche_distributed_rehearsal.core.deal import UNBOUNDED, deal
 from sim_world import run_threads
 
 pytestmark = pytest.mark.timeout(240)
@@ -52,57 +52,81 @@ def test_kept_classes_are_a_uniform_subset():
 
 
 # --------------------------------------------------------------------------- dealing
-def full_table(world, classes, stored=0):
-    return ([[stored] * classes for _ in range(world)], [[True] * classes for _ in range(world)])
+def dense(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def deal_targets(world, classes, budget, seed=1):
+    cb = ClassBudget(seed)
+    target_of = cb.targets(range(classes), budget)
+    order = cb.order(range(classes))
+    rank = torch.empty(classes, dtype=torch.int64)
+    rank[torch.tensor(order)] = torch.arange(classes)
+    return torch.tensor([target_of[c] for c in range(classes)]), rank
 
 
 @pytest.mark.parametrize("world, classes, budget", [(8, 10, 1000), (128, 1000, 20_000),
                                                     (128, 1000, 500), (3, 7, 100)])
 def test_dealing_with_every_class_everywhere_is_exactly_balanced(world, classes, budget):
-    caps = [split_budget(budget, world, w) for w in range(world)]
-    cb = ClassBudget(1)
-    target_of = cb.targets(range(classes), budget)
-    targets = [target_of[c] for c in range(classes)]
-    stored, seen = full_table(world, classes)
+    caps = torch.tensor([split_budget(budget, world, w) for w in range(world)])
+    targets, rank = deal_targets(world, classes, budget)
+    ub = torch.full((world, classes), UNBOUNDED)
+    if budget < classes:
+        ub = ub.minimum(targets.unsqueeze(0))
+    weights = torch.ones((world, classes), dtype=torch.int64)
     start = time.perf_counter()
-    q = deal_quotas(targets, stored, seen, caps, cb.order(range(classes)))
+    q = deal(caps, ub, weights, targets, rank)
     seconds = time.perf_counter() - start
-    assert [sum(row) for row in q] == caps  # every rank exactly full
-    assert [sum(q[w][c] for w in range(world)) for c in range(classes)] == targets
-    for c in range(classes):  # each class spread as evenly as possible over the ranks
-        per_rank = [q[w][c] for w in range(world)]
-        assert max(per_rank) - min(per_rank) <= 1
-    assert seconds < 5.0  # 128 x 1000 in plain Python: well under a second when idle
+    assert q.sum(1).tolist() == caps.tolist()  # every rank exactly full
+    assert q.sum(0).tolist() == targets.tolist()
+    spread = q.max(0).values - q.min(0).values  # each class as even as possible over the ranks
+    assert int(spread.max()) <= 1
+    assert seconds < 5.0
 
 
-def test_dealing_keeps_past_classes_where_they_are():
-    # class 0 lives on rank 2 only and is no longer streamed; its target still fits
-    targets = [4, 6]
-    stored = [[0, 3], [0, 3], [4, 0]]
-    seen = [[True, True], [True, True], [True, False]]
-    q = deal_quotas(targets, stored, seen, [5, 5, 5], [0, 1])
-    assert [row[0] for row in q] == [0, 0, 4]
-    assert sum(row[1] for row in q) == 6
+def test_dealing_keeps_a_class_that_cannot_grow_where_it_is():
+    # class 0 lives on rank 2 only and receives no candidates (its bound is what it holds)
+    caps = dense([5, 5, 5])
+    ub = dense([[0, UNBOUNDED], [0, UNBOUNDED], [4, 0]])
+    q = deal(caps, ub, dense([[0, 3], [0, 3], [4, 0]]), dense([7, 8]), dense([0, 1]))
+    assert q[:, 0].tolist() == [0, 0, 4]
+    assert q.sum(1).tolist() == [5, 5, 4]  # rank 2 holds nothing else it could keep
 
 
-def test_dealing_cuts_the_largest_holders_first():
-    targets = [4]
-    q = deal_quotas(targets, [[5], [1], [2]], [[True]] * 3, [9, 9, 9], [0])
-    assert [row[0] for row in q] in ([2, 1, 1], [1, 1, 2])  # level 1, one extra on a holder above it
+def test_dealing_gives_a_class_only_to_ranks_that_saw_it():
+    caps = dense([10, 10])
+    ub = dense([[UNBOUNDED, UNBOUNDED], [0, UNBOUNDED]])
+    q = deal(caps, ub, dense([[5, 5], [0, 5]]), dense([10, 10]), dense([0, 1]))
+    assert q.tolist() == [[10, 0], [0, 10]]
 
 
-def test_dealing_gives_a_class_only_to_ranks_that_saw_it_with_room():
-    targets = [10, 10]
-    stored = [[0, 0], [0, 0]]
-    seen = [[True, True], [False, True]]
-    q = deal_quotas(targets, stored, seen, [10, 10], [0, 1])
-    assert q[1][0] == 0 and q[0][0] == 10
-    assert q[0][1] == 0 and q[1][1] == 10
+def test_dealing_is_max_min_fair_when_a_rank_is_contested():
+    # A only on rank 0, B on ranks 0 and 1, C only on rank 1; rank 0 also holds an old
+    # class D that cannot grow (holds 30): the fair deal sends B to rank 1
+    caps = dense([30, 30])
+    big = UNBOUNDED
+    ub = dense([[big, big, 0, 30], [0, big, big, 0]])
+    weights = dense([[10, 10, 0, 30], [0, 10, 10, 0]])
+    q = deal(caps, ub, weights, dense([15, 15, 15, 15]), dense([0, 1, 2, 3]))
+    assert q.sum(1).tolist() == [30, 30]
+    totals = q.sum(0).tolist()
+    assert min(totals) >= 14 and max(totals) <= 16, q.tolist()
 
 
-def test_planner_matches_one_rank_targets():
-    planner = QuotaPlanner(40, [40], 0, seed=5)
-    assert planner.quotas({}, [0, 1, 2]) == ClassBudget(5).targets([0, 1, 2], 40)
+def test_dealing_gives_unused_room_to_the_classes_a_rank_holds():
+    # rank 1 sees only class 1: its whole capacity goes to it (the class gets 50, not 33)
+    caps = dense([50, 50])
+    big = UNBOUNDED
+    ub = dense([[big, 0, big], [0, big, 0]])
+    q = deal(caps, ub, dense([[8, 0, 8], [0, 8, 0]]), dense([34, 33, 33]), dense([0, 1, 2]))
+    assert q.tolist() == [[25, 0, 25], [0, 50, 0]]
+
+
+def test_one_rank_ledger_matches_the_class_targets():
+    ledger = SingleLedger(40, [40], seed=5)
+    ledger.apply(torch.tensor([[0, 1, 2]]), torch.tensor([3]), 0, 0)
+    expected = ClassBudget(5).targets([0, 1, 2], 40)
+    assert ledger.quotas() == {c: n for c, n in expected.items() if n}
 
 
 # --------------------------------------------------------------------------- streams
@@ -121,18 +145,20 @@ def class_incremental_stream(rank, seed, world, n_classes, experiences, steps, b
             labels = [rng.choice(classes) for _ in range(batch)]
             ids = list(range(next_id, next_id + batch))
             next_id += batch
-            yield step, torch.tensor(ids, dtype=torch.float64).view(-1, 1), torch.tensor(labels)
+            yield step, e, torch.tensor(ids, dtype=torch.float64).view(-1, 1), torch.tensor(labels)
             step += 1
 
 
 def run_stream(rank, world, sim, seed, mem, n_classes, experiences, steps, batch,
                classes_of_rank=None):
     buf = ShardedRehearsalBuffer(mem, seed=seed, exchange=sim.exchange(rank))
-    for step, x, y in class_incremental_stream(rank, seed, world, n_classes, experiences, steps,
-                                               batch, classes_of_rank):
-        buf.insert(x, y)
-        buf.refresh(step)  # what every draw does: keep the quotas global
+    for step, e, x, y in class_incremental_stream(rank, seed, world, n_classes, experiences,
+                                                  steps, batch, classes_of_rank):
+        # collective: every rank's quotas know every rank's classes; the experience index
+        # tells the ledger when the classes of earlier experiences stop being offered
+        buf.insert_record({"input": x, "label": y}, context=StepContext(experience=e))
     ids = buf.local_tensors()["input"].flatten().long().tolist()
+    buf.ledger.check_rank(rank, buf.class_counts())
     return {"counts": buf.class_counts(), "ids": ids, "capacity": buf.local_capacity,
             "seen": sorted(buf.reservoir.seen)}
 

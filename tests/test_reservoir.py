@@ -1,64 +1,80 @@
-"""Insertion policy: fill, class quotas, and equal retention within a class (statistical)."""
+"""Insertion on one shard: fill, class quotas, equal retention within a class (statistical),
+and the one-rank ledger against the general one."""
 
 import random
 
-import pytest
+import torch
 from scipy.stats import chisquare
 
-from avalanche_distributed_rehearsal.core import ClassBalancedReservoir
+from avalanche_distributed_rehearsal.core import ClassLedger, LocalReservoir, SingleLedger
+from avalanche_distributed_rehearsal.core.ledger import FREE
 
 
-def stream(order):
-    """[(sample_id, label)] for a label sequence."""
-    return list(enumerate(order))
+def steps(labels, per_step):
+    for i in range(0, len(labels), per_step):
+        yield labels[i: i + per_step]
 
 
-def run_reservoir(capacity, labels, seed):
-    res = ClassBalancedReservoir(capacity, seed=seed)
+def run_reservoir(capacity, labels, seed, per_step=5, ledger_cls=SingleLedger):
+    """Offer ``labels`` (sample ``i`` has label ``labels[i]``) ``per_step`` at a time to one
+    shard; return ``(ledger, reservoir, {slot: sample id})``."""
+    ledger = ledger_cls(capacity, [capacity], seed)
+    res = LocalReservoir(capacity, seed=seed)
     holder = {}
-    for sid, label in stream(labels):
-        slot = res.offer(label)
-        if slot >= 0:
-            holder[slot] = sid
-    return res, holder
+    sid = 0
+    for step, chunk in enumerate(steps(labels, per_step)):
+        keys = torch.tensor([chunk], dtype=torch.int64).view(1, -1)
+        decisions = ledger.apply(keys, torch.tensor([len(chunk)]), step, 0)
+        positions, slots = res.apply(chunk, decisions)
+        for p, s in zip(positions, slots):
+            holder[s] = sid + p
+        sid += len(chunk)
+    return ledger, res, holder
 
 
 def test_fills_to_min_capacity_seen_and_never_exceeds():
-    res, holder = run_reservoir(50, [i % 3 for i in range(30)], seed=0)
+    _, res, holder = run_reservoir(50, [i % 3 for i in range(30)], seed=0)
     assert res.size == 30 == len(holder)
-    res, holder = run_reservoir(50, [i % 3 for i in range(500)], seed=0)
+    _, res, holder = run_reservoir(50, [i % 3 for i in range(500)], seed=0)
     assert res.size == 50 == len(set(holder.values()))
 
 
 def test_quotas_adapt_as_classes_appear():
     labels = [0] * 100 + [1] * 100 + [2] * 100 + [3] * 100
-    res, _ = run_reservoir(40, labels, seed=1)
+    _, res, _ = run_reservoir(40, labels, seed=1)
     assert res.class_counts() == {0: 10, 1: 10, 2: 10, 3: 10}
-    res, _ = run_reservoir(40, labels[:200], seed=1)
+    _, res, _ = run_reservoir(40, labels[:200], seed=1)
     assert res.class_counts() == {0: 20, 1: 20}
 
 
-def test_more_classes_than_slots_keeps_every_class_it_can():
+def test_more_classes_than_slots_keeps_one_of_each_highest_priority_class():
     labels = [c for c in range(10) for _ in range(5)]
-    res, _ = run_reservoir(4, labels, seed=2)
-    assert res.size == 4 and all(n <= 1 or c == 0 for c, n in res.class_counts().items())
+    ledger, res, _ = run_reservoir(4, labels, seed=2)
+    assert res.size == 4 and set(res.class_counts().values()) <= {0, 1}
+    targets, _ = ledger.targets()
+    kept = {c for c, n in res.class_counts().items() if n}
+    assert kept == {ledger.labels[i] for i, t in enumerate(targets.tolist()) if t}
 
 
-def test_bookkeeping_is_consistent():
+def test_bookkeeping_is_consistent_with_the_ledger():
     rng = random.Random(3)
-    res = ClassBalancedReservoir(25, seed=3)
-    for _ in range(2000):
-        res.offer(rng.randrange(7))
+    labels = [rng.randrange(7) for _ in range(2000)]
+    ledger = SingleLedger(25, [25], 3)
+    res = LocalReservoir(25, seed=3)
+    for step, chunk in enumerate(steps(labels, 4)):
+        decisions = ledger.apply(torch.tensor([chunk]), torch.tensor([len(chunk)]), step, 0)
+        res.apply(chunk, decisions)
         slots = [s for v in res.slots_by_class.values() for s in v]
         assert sorted(slots) == list(range(res.size))
         for c, v in res.slots_by_class.items():
             assert all(res.label_of_slot[s] == c for s in v)
+        ledger.check_rank(0, res.class_counts())
 
 
 def retention_counts(policy, capacity, labels, seeds):
     counts = [0] * len(labels)
     for seed in range(seeds):
-        _, holder = policy(capacity, labels, seed)
+        holder = policy(capacity, labels, seed)[-1]
         for sid in holder.values():
             counts[sid] += 1
     return counts
@@ -68,7 +84,7 @@ def random_replacement(capacity, labels, seed):
     """The reference C++ policy: a full buffer replaces a random slot. Biased to recent data."""
     rng = random.Random(seed)
     holder = {}
-    for sid, _ in stream(labels):
+    for sid in range(len(labels)):
         if len(holder) < capacity:
             holder[len(holder)] = sid
         else:
@@ -92,20 +108,41 @@ def test_the_statistical_test_detects_a_biased_policy():
     assert chisquare(observed).pvalue < 1e-6
 
 
-def test_offer_many_returns_distinct_slots_and_last_writer_wins():
-    res = ClassBalancedReservoir(2, seed=0)
-    positions, slots = res.offer_many([0, 0, 0, 0, 0, 0])
-    assert len(set(slots)) == len(slots)
+def test_apply_returns_distinct_slots_and_last_writer_wins():
+    ledger = SingleLedger(2, [2], 0)
+    res = LocalReservoir(2, seed=0)
+    labels = [0] * 12
+    decisions = ledger.apply(torch.tensor([labels]), torch.tensor([12]), 0, 0)
+    positions, slots = res.apply(labels, decisions)
+    assert len(set(slots)) == len(slots) and decisions.kinds[:2] == [FREE, FREE]
     for p, s in zip(positions, slots):
         later = positions[positions.index(p) + 1:]
         assert all(slots[positions.index(q)] != s for q in later)
 
 
-def test_shrink_is_class_balanced_and_renumbers():
-    res, _ = run_reservoir(30, [0] * 50 + [1] * 5, seed=0)
-    keep = res.shrink(10)
+def test_evict_is_uniform_within_a_class_and_renumbers():
+    _, res, _ = run_reservoir(30, [0] * 50 + [1] * 5, seed=0)
+    assert res.class_counts() == {0: 25, 1: 5}
+    keep = res.evict({0: 20})
     assert len(keep) == 10 == res.size
     assert res.class_counts() == {0: 5, 1: 5}
     assert sorted(s for v in res.slots_by_class.values() for s in v) == list(range(10))
-    with pytest.raises(ValueError):
-        res.grow(5)
+
+
+def test_one_rank_ledger_decides_as_the_general_ledger():
+    rng = random.Random(11)
+    for seed in range(30):
+        capacity = rng.choice([3, 10, 40])
+        n_classes = rng.choice([2, 7, 60])
+        labels = [rng.randrange(n_classes) * 1000 + 7 for _ in range(rng.randrange(50, 400))]
+        per_step = rng.choice([1, 5, 16])
+        single = SingleLedger(capacity, [capacity], seed)
+        general = ClassLedger(capacity, [capacity], seed)
+        for step, chunk in enumerate(steps(labels, per_step)):
+            keys, counts = torch.tensor([chunk]), torch.tensor([len(chunk)])
+            experience = step // 7
+            a = single.apply(keys, counts, step, 0, experience)
+            b = general.apply(keys, counts, step, 0, experience)
+            assert (a.kinds, a.victims) == (b.kinds, b.victims), (seed, step)
+            assert single.digest() == general.digest()
+        assert single.class_counts() == general.class_counts()
