@@ -30,7 +30,7 @@ from .sampling import Sampler, make_sampler
 from .seeding import ELASTIC, INSERTION, PLAN, derive_seed, generator
 from .storage import ShardStorage
 from .validation import (NONFINITE_POLICIES, check_choice, check_int, check_label_values,
-                         finite_rows, to_int64_cpu)
+                         check_storable, finite_rows, to_int64_cpu)
 
 __all__ = ["DrawRecord", "ExchangeStats", "PreparedDraw", "ShardedRehearsalBuffer",
            "split_budget", "INPUT", "LABEL", "TASK"]
@@ -236,6 +236,7 @@ class ShardedRehearsalBuffer:
         labels_cpu = to_int64_cpu("labels", labels) if keys_policy.by_class else None
         tasks_cpu = to_int64_cpu("task_labels", record[TASK]) if TASK in record else None
         check_label_values(labels_cpu, tasks_cpu)
+        check_storable(record, self.storage.layout, self.dtypes)
         keep = None
         for value in record.values():
             if value.is_floating_point():
