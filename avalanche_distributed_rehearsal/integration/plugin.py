@@ -114,7 +114,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     The unpickled plugin applies that state at its first training step, like
     :meth:`load_state_dict` before the first step; a plugin referenced from several
     places (its ``storage_policy`` too) stays one object within one pickle. A closed
-    plugin pickles too.
+    plugin pickles too. ``transform`` and ``eval_transform`` are settings: pickling needs
+    them picklable (module-level functions or objects, not lambdas).
     """
 
     def __init__(self, mem_size: int = 2000, batch_size_mem: Optional[int] = None,
