@@ -36,6 +36,10 @@ ROW_BYTES = 64 * 4 + 8 + 8  # digits sample: 64 float32 + int64 label + int64 ta
     (["--rank-split", "federated"], "--rank-split"),
     (["--skew", "1.5"], "--skew"),
     (["--skew", "-0.1"], "--skew"),
+    (["--store-dtype", "float16"], "--store-dtype"),
+    (["--dataset", "synthetic", "--store-dtype", "uint8"], "--store-dtype uint8"),
+    (["--dataset", "synthetic", "--synthetic-shape", "64", "--augment"], "--augment"),
+    (["--methods", "er_ace,magic"], "--methods"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     assert main(TINY + ["--output-dir", str(tmp_path)] + argv) == 2
@@ -162,3 +166,55 @@ def test_main_job_when_the_default_group_refuses_cpu_tensors(tmp_path):
         assert (simulated["methods"][name]["accuracy_matrix"]
                 == plain["methods"][name]["accuracy_matrix"])
     assert simulated["config"]["backend"] == "cuda:gloo"
+
+
+def _run(tmp_path, name, *args):
+    out = tmp_path / name
+    assert main(["--output-dir", str(out), "--no-plots"] + TINY + list(args)) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+UINT8_ROW = 64 + 8 + 8  # digits sample as uint8 pixel counts + int64 label + int64 task label
+
+
+@pytest.mark.timeout(300)
+def test_uint8_storage_trains_the_same_in_a_quarter_of_the_input_bytes(tmp_path, capsys):
+    """Digits are integer counts 0..16: stored as uint8 and divided by 16 on the device, the
+    model sees the very values of the float32 path, so every method trains identically."""
+    methods = ("--methods", "ours,stock_replay,er_ace,stock_er_ace")
+    floats = _run(tmp_path, "f32", *methods)
+    small = _run(tmp_path, "u8", *methods, "--store-dtype", "uint8")
+    assert "uint8 inputs" in capsys.readouterr().out
+    assert small["config"]["store_dtype"] == "uint8" and floats["config"]["store_dtype"] == "float32"
+    for name in ("ours", "stock_replay", "er_ace", "stock_er_ace"):
+        assert small["methods"][name]["accuracy_matrix"] == floats["methods"][name]["accuracy_matrix"]
+        assert floats["methods"][name]["buffer_bytes_per_rank"] == 50 * ROW_BYTES
+        assert small["methods"][name]["buffer_bytes_per_rank"] == 50 * UINT8_ROW
+    assert small["methods"]["er_ace"]["accuracy_matrix"][0][0] > 0.5
+
+
+@pytest.mark.timeout(300)
+def test_augment_runs_every_method_family_and_changes_training(tmp_path):
+    methods = ("--methods", "ours,stock_replay,er_ace,stock_er_ace")
+    plain = _run(tmp_path, "plain", *methods)
+    augmented = _run(tmp_path, "aug", *methods, "--augment")
+    again = _run(tmp_path, "aug2", *methods, "--augment")
+    assert augmented["config"]["augment"] is True
+    for name in ("ours", "stock_replay", "er_ace", "stock_er_ace"):
+        m = augmented["methods"][name]
+        assert m["accuracy_matrix"] != plain["methods"][name]["accuracy_matrix"]  # it augmented
+        assert m["accuracy_matrix"] == again["methods"][name]["accuracy_matrix"]  # seeded
+        assert m["accuracy_matrix"][0][0] > 0.5  # and still learns
+
+
+@pytest.mark.timeout(300)
+def test_er_ace_pair_with_uint8_and_augmentation_on_two_ranks_with_torchrun(tmp_path):
+    res = _torchrun_main(tmp_path, "er_ace", "--epochs", "1", "--mem-size", "50",
+                         "--methods", "er_ace,stock_er_ace", "--store-dtype", "uint8", "--augment")
+    ms = res["methods"]
+    assert res["world_size"] == 2 and list(ms) == ["stock_er_ace", "er_ace"]
+    assert ms["er_ace"]["buffer_bytes_per_rank"] == 25 * UINT8_ROW  # M / N uint8 rows per rank
+    assert ms["stock_er_ace"]["buffer_bytes_per_rank"] == 50 * UINT8_ROW  # M on every rank
+    assert ms["er_ace"]["exchanged_bytes_per_step"]["payload_sent"] > 0
+    assert ms["er_ace"]["train_steps"] == ms["stock_er_ace"]["train_steps"] > 0
+    assert all(m["accuracy_matrix"][0][0] > 0.5 for m in ms.values())

@@ -16,7 +16,6 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.supervised import Naive
 
 from avalanche_distributed_rehearsal.app.data import load_digits, make_benchmark
-from avalanche_distributed_rehearsal.core.metadata import HEADER
 from avalanche_distributed_rehearsal.integration import (DistributedRehearsalBuffer,
                                                          DistributedReplayPlugin)
 from avalanche_distributed_rehearsal.integration.metrics import (

@@ -16,14 +16,18 @@ PROG = "avalanche_distributed_rehearsal"
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
 MODELS = ("mlp", "resnet18")
 METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
-           "ours_local", "stock_der", "der")
-#: What the main job runs by default (``--methods default``); ``all`` adds the DER pair.
+           "ours_local", "stock_der", "der", "stock_er_ace", "er_ace")
+#: What the main job runs by default (``--methods default``); ``all`` adds the DER and
+#: ER-ACE pairs.
 DEFAULT_METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
                    "ours_local")
 #: methods whose memory is split over the ranks: each needs --mem-size >= the number of ranks
-SPLIT_BUDGET_METHODS = ("stock_replay_equal", "ours", "ours_local", "der")
+SPLIT_BUDGET_METHODS = ("stock_replay_equal", "ours", "ours_local", "der", "er_ace")
 SAMPLING = ("uniform", "class_balanced")
 RANK_SPLITS = ("iid", "skewed")
+STORE_DTYPES = ("float32", "uint8")
+#: data sets whose raw pixels are integers (``--store-dtype uint8`` keeps them as uint8)
+INTEGER_PIXEL_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 class UsageError(ValueError):
@@ -56,6 +60,8 @@ class Config:
     sync: bool = False
     der_alpha: float = 0.1
     der_beta: float = 0.5
+    augment: bool = False
+    store_dtype: str = "float32"
     seed: int = 0
     output_dir: str = "results"
     progress: bool = True
@@ -116,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=d.backend, help="torch.distributed backend of the run's process group under torchrun: auto (default: cpu:gloo,cuda:nccl with GPUs, gloo without), gloo, nccl, or device:backend pairs such as cuda:gloo (which, on CPU, refuses CPU tensors as NCCL does)")
     g = p.add_argument_group("methods and buffer")
     g.add_argument("--methods", default="default", help=f"comma-separated subset of {','.join(METHODS)}; 'default' = {','.join(DEFAULT_METHODS)}; 'all' = every method (default: default)")
-    g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: buffer budget: global for ours, ours_local, der and stock_replay_equal (M / N per rank), per rank for stock_replay and stock_der (default 200)")
+    g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: buffer budget: global for ours, ours_local, der, er_ace and stock_replay_equal (M / N per rank), per rank for stock_replay, stock_der and stock_er_ace (default 200)")
     g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for every replay method (default: twice --batch-size)")
     g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
     g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline instead of in the background")
+    g.add_argument("--augment", action="store_true", help="augment every training batch on the device, replayed rows included (re-augmented at every draw): random shifts for digits and MNIST, crop with padding + horizontal flip for Fashion-MNIST and 32x32 images; evaluation is never augmented")
+    g.add_argument("--store-dtype", default=d.store_dtype, help="float32 (default): inputs as normalised float32; uint8: the data set yields its raw integer pixels as uint8 (digits: 0..16, images: 0..255), our buffers store and exchange them as uint8 (4x less memory than float32) and a transform on the device divides them into [0, 1] (the model sees the same values)")
     g.add_argument("--der-alpha", type=str, default=str(d.der_alpha), help="der, stock_der: weight of the logit-matching (MSE) term (default 0.1)")
     g.add_argument("--der-beta", type=str, default=str(d.der_beta), help="der, stock_der: weight of the replayed samples' cross-entropy; 0 is DER, > 0 DER++ (default 0.5)")
     g = p.add_argument_group("output")
@@ -228,6 +236,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         sync=a.sync,
         der_alpha=_float("--der-alpha", a.der_alpha, 0.0, strict=False),
         der_beta=_float("--der-beta", a.der_beta, 0.0, strict=False),
+        augment=a.augment,
+        store_dtype=_choice("--store-dtype", a.store_dtype, STORE_DTYPES),
         seed=_int("--seed", a.seed, 0),
         output_dir=a.output_dir,
         progress=not a.no_progress,
@@ -241,6 +251,12 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
                                     (cfg.dataset == "synthetic" and len(cfg.synthetic_shape) != 3)):
         raise UsageError("--model resnet18 needs image data (C,H,W): use --dataset mnist, "
                          "fashion-mnist, cifar10, cifar100 or synthetic with a C,H,W --synthetic-shape")
+    if cfg.store_dtype == "uint8" and cfg.dataset not in INTEGER_PIXEL_DATASETS:
+        raise UsageError(f"--store-dtype uint8 needs a data set of integer pixels "
+                         f"({', '.join(INTEGER_PIXEL_DATASETS)}); {cfg.dataset} samples are floats")
+    if cfg.augment and cfg.dataset == "synthetic" and len(cfg.synthetic_shape) != 3:
+        raise UsageError("--augment needs image data: digits, an image data set or synthetic "
+                         f"with a C,H,W --synthetic-shape, got {','.join(map(str, cfg.synthetic_shape))}")
     if cfg.dataset == "synthetic" and cfg.synthetic_size < cfg.synthetic_classes:
         raise UsageError(f"--synthetic-size ({cfg.synthetic_size}) must be at least "
                          f"--synthetic-classes ({cfg.synthetic_classes})")

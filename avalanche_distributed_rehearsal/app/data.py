@@ -3,8 +3,10 @@
 Every loader returns ``(train, test, n_classes)`` where ``train`` and ``test`` are
 ``TensorDataset(x, y)`` with ``x`` float32 ``(n, *sample_shape)`` in ``[0, 1]`` (synthetic:
 roughly unit scale), ``y`` int64 ``(n,)`` class labels ``0 .. n_classes - 1``, and a
-``targets`` list attribute (what Avalanche's ``nc_benchmark`` reads). Nothing is
-downloaded unless ``download=True``.
+``targets`` list attribute (what Avalanche's ``nc_benchmark`` reads). With ``raw=True``
+(``--store-dtype uint8``) ``x`` holds the data set's raw integer pixels as uint8 instead
+(digits: 0..16, the torchvision images: 0..255), un-normalised: the batch transform of
+:mod:`.augment` converts them on the device. Nothing is downloaded unless ``download=True``.
 """
 
 from __future__ import annotations
@@ -29,15 +31,20 @@ def _tensor_dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
     return ds
 
 
-def load_digits(seed: int = 0, n_train: int = 1400) -> Tuple[TensorDataset, TensorDataset, int]:
-    """scikit-learn's bundled 8x8 digits (1797 samples): ``x`` ``(n, 64)`` float32 in [0, 1].
+def load_digits(seed: int = 0, n_train: int = 1400, raw: bool = False
+                ) -> Tuple[TensorDataset, TensorDataset, int]:
+    """scikit-learn's bundled 8x8 digits (1797 samples): ``x`` ``(n, 64)`` float32 in [0, 1]
+    (the raw pixel counts, integers 0..16, divided by 16), or with ``raw`` those counts
+    as uint8.
 
     A fixed split seeded by ``seed``: ``n_train`` training samples, the rest for testing.
     """
     from sklearn.datasets import load_digits as _load
 
     d = _load()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    x = torch.tensor(d.data, dtype=torch.uint8 if raw else torch.float32)
+    if not raw:
+        x = x / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train:]
@@ -69,9 +76,11 @@ _TORCHVISION = {"mnist": ("MNIST", 10), "fashion-mnist": ("FashionMNIST", 10),
                 "cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
 
 
-def load_torchvision(name: str, root: str, download: bool) -> Tuple[TensorDataset, TensorDataset, int]:
+def load_torchvision(name: str, root: str, download: bool, raw: bool = False
+                     ) -> Tuple[TensorDataset, TensorDataset, int]:
     """MNIST / Fashion-MNIST (``(n, 1, 28, 28)``) or CIFAR-10/100 (``(n, 3, 32, 32)``), float32
-    in [0, 1], from ``root``; downloaded there first only if ``download``."""
+    in [0, 1] (uint8 0..255 with ``raw``), from ``root``; downloaded there first only if
+    ``download``."""
     import torchvision.datasets as tvd
 
     cls_name, n_classes = _TORCHVISION[name]
@@ -94,7 +103,7 @@ def load_torchvision(name: str, root: str, download: bool) -> Tuple[TensorDatase
             x = x.unsqueeze(1)
         else:  # (n, H, W, C) uint8
             x = x.permute(0, 3, 1, 2)
-        return _tensor_dataset(x.float().div_(255.0), torch.as_tensor(ds.targets))
+        return _tensor_dataset(x if raw else x.float().div_(255.0), torch.as_tensor(ds.targets))
 
     return convert(train), convert(test), n_classes
 
@@ -105,8 +114,9 @@ def load_data(cfg: Config, rank: int = 0, barrier=None) -> Tuple[TensorDataset, 
     Under torchrun only rank 0 downloads; the others wait at ``barrier()`` and then read
     the files it wrote.
     """
+    raw = cfg.store_dtype == "uint8"
     if cfg.dataset == "digits":
-        return load_digits(cfg.seed)
+        return load_digits(cfg.seed, raw=raw)
     if cfg.dataset == "synthetic":
         return load_synthetic(cfg.synthetic_size, cfg.synthetic_shape, cfg.synthetic_classes, cfg.seed)
     root = os.path.expanduser(cfg.data_root)
@@ -114,14 +124,14 @@ def load_data(cfg: Config, rank: int = 0, barrier=None) -> Tuple[TensorDataset, 
         error = None
         if rank == 0:
             try:
-                load_torchvision(cfg.dataset, root, True)
+                load_torchvision(cfg.dataset, root, True, raw)
             except DataUnavailableError as e:
                 error = e
         barrier()
         if error is not None:
             raise error
-        return load_torchvision(cfg.dataset, root, rank == 0)
-    return load_torchvision(cfg.dataset, root, cfg.download)
+        return load_torchvision(cfg.dataset, root, rank == 0, raw)
+    return load_torchvision(cfg.dataset, root, cfg.download, raw)
 
 
 def make_benchmark(train: TensorDataset, test: TensorDataset, n_classes: int,

@@ -135,6 +135,10 @@ def run(cfg: Config) -> Dict[str, object]:
             rank_split = {"mode": "skewed", "skew": cfg.skew, "world_size": 1,
                           "note": "one rank trains on the whole stream (the iid path)"}
         sample_shape = tuple(train.tensors[0].shape[1:])
+        from .augment import transforms_for
+
+        transform, eval_transform = transforms_for(
+            cfg.dataset, sample_shape, cfg.augment, not train.tensors[0].is_floating_point())
         if rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
         units = sum(cfg.n_experiences for _ in cfg.methods)
@@ -150,7 +154,8 @@ def run(cfg: Config) -> Dict[str, object]:
                 bar.update(1)
 
         ctx = Context(cfg, benchmark, sample_shape, n_classes, world, rank, device,
-                      on_experience, None, group, rank_local=rank_local)
+                      on_experience, None, group, rank_local=rank_local, transform=transform,
+                      eval_transform=eval_transform, input_dtype=train.tensors[0].dtype)
         results: Dict[str, MethodResult] = {}
         try:
             for name in cfg.methods:

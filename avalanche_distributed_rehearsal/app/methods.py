@@ -13,6 +13,15 @@ returns its accuracy matrix, training time and buffer footprint.
 * ``der``: :class:`DistributedDER`, the same losses over the sharded buffer (M / N per rank).
 * ``ours_local``: the same, each rank sampling its own shard only (``sampling="local"``,
   no payload exchange: the ablation baseline).
+* ``stock_er_ace``: Avalanche's ``ER_ACE`` (asymmetric cross-entropy replay) with budget M,
+  replicated on every rank.
+* ``er_ace``: :class:`DistributedERACE`, the same losses over the sharded buffer (M / N per rank).
+
+Batch transforms (``--store-dtype uint8``: uint8 to float; ``--augment``): methods with our
+buffer pass the training transform to the plugin (``transform=``: rows stored raw, every
+draw augmented afresh); the stock methods, which replay in dataset space, get a model that
+applies it to every training forward pass (:class:`.augment.TransformedModel`), so their
+replayed rows are augmented afresh too. Evaluation converts only, never augments.
 
 With ``Context.rank_local`` (``--rank-split skewed``) every method trains on exactly its
 rank's own share of each experience (:mod:`.split`), without Avalanche's distributed sampler.
@@ -75,13 +84,24 @@ class Context:
     log_file: Optional[io.TextIOBase] = None
     group: object = None  # a process group serving `device` (see experiment.group_for)
     rank_local: bool = False  # train on the rank's own dataset, no distributed sampler
+    transform: object = None  # training batch transform (conversion, augmentation) or None
+    eval_transform: object = None  # evaluation batch transform (conversion) or None
+    input_dtype: torch.dtype = torch.float32  # dtype of the data set's inputs
 
 
-def _model(ctx: Context) -> nn.Module:
-    """The network on ``ctx.device``; under torch.distributed wrapped in DDP (which
+def _model(ctx: Context, train_transform: bool = True) -> nn.Module:
+    """The network on ``ctx.device``, behind the batch transforms when there are any
+    (``train_transform=False``: the evaluation transform only, for methods whose plugin
+    transforms the training batches); under torch.distributed wrapped in DDP (which
     averages gradients over ranks) on a group that serves that device."""
     model = build_model(ctx.cfg.model, ctx.sample_shape, ctx.n_classes, ctx.cfg.hidden,
-                        ctx.cfg.seed).to(ctx.device)
+                        ctx.cfg.seed)
+    if ctx.transform is not None or ctx.eval_transform is not None:
+        from .augment import TransformedModel
+
+        model = TransformedModel(model, ctx.transform if train_transform else None,
+                                 ctx.eval_transform)
+    model = model.to(ctx.device)
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -172,7 +192,7 @@ def _stock_replay(ctx: Context, name: str, mem_size: int) -> MethodResult:
     result = _run_stream(ctx, name, _naive(ctx, model, [plugin]), model)
     # Avalanche keeps the buffer as index views of the datasets; we count what the stored
     # samples weigh (inputs + labels + task labels).
-    result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape)
+    result.buffer_bytes_per_rank = len(policy.buffer) * sample_bytes(ctx.sample_shape, ctx.input_dtype)
     result.distinct_samples = distinct_samples(policy.buffer, ctx.world, ctx.group)
     return result
 
@@ -198,13 +218,14 @@ def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
 
     cfg = ctx.cfg
     plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
-                                     sampling=sampling, async_mode=not cfg.sync, seed=cfg.seed)
+                                     sampling=sampling, async_mode=not cfg.sync, seed=cfg.seed,
+                                     transform=ctx.transform)
     meter = TrafficMeter(plugin)
     loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
     # per experience (into results.json) and per epoch (what the text logger prints)
     metrics = buffer_metrics(every="experience") + buffer_metrics(every="epoch", class_counts=False)
     evaluator = _evaluator(metrics, loggers)
-    model = _model(ctx)
+    model = _model(ctx, train_transform=False)
     strategy = _naive(ctx, model, [plugin, meter], evaluator)
     return _run_sharded(ctx, name, strategy, model, plugin, evaluator, meter)
 
@@ -258,7 +279,7 @@ def stock_der(ctx: Context) -> MethodResult:
     # every rank holds the whole buffer: inputs, labels, task labels and float32 logits
     logits = ctx.n_classes * 4
     result.buffer_bytes_per_rank = len(strategy.storage_policy.buffer) * (
-        sample_bytes(ctx.sample_shape) + logits)
+        sample_bytes(ctx.sample_shape, ctx.input_dtype) + logits)
     return result
 
 
@@ -272,19 +293,65 @@ def der(ctx: Context) -> MethodResult:
 
     cfg = ctx.cfg
     evaluator = _evaluator(buffer_metrics(every="experience"))
-    model = _model(ctx)
+    model = _model(ctx, train_transform=False)
     strategy = _strategy_class(ctx, DistributedDER)(
         evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync, seed=cfg.seed,
-        **_der_arguments(ctx, model))
+        transform=ctx.transform, **_der_arguments(ctx, model))
     meter = TrafficMeter(strategy.replay)
     strategy.plugins.append(meter)
     return _run_sharded(ctx, "der", strategy, model, strategy.replay, evaluator, meter)
 
 
+def _er_ace_arguments(ctx: Context, model: nn.Module) -> dict:
+    """The arguments both ER-ACE methods share: network, optimiser, budget, r."""
+    cfg = ctx.cfg
+    return dict(model=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+                criterion=nn.CrossEntropyLoss(), mem_size=cfg.mem_size,
+                batch_size_mem=max(1, cfg.replay_mb), train_mb_size=cfg.batch_size,
+                train_epochs=cfg.epochs, eval_mb_size=512, device=ctx.device, eval_every=-1)
+
+
+def stock_er_ace(ctx: Context) -> MethodResult:
+    """Avalanche's ``ER_ACE`` with budget M on every rank."""
+    from avalanche.training.supervised import ER_ACE
+
+    from .stock import quiet
+
+    model = _model(ctx)
+    strategy = _strategy_class(ctx, quiet(ER_ACE))(evaluator=_evaluator(),
+                                                   **_er_ace_arguments(ctx, model))
+    result = _run_stream(ctx, "stock_er_ace", strategy, model)
+    # every rank holds the whole buffer (inputs, labels, task labels)
+    result.buffer_bytes_per_rank = len(strategy.storage_policy.buffer) * sample_bytes(
+        ctx.sample_shape, ctx.input_dtype)
+    return result
+
+
+def er_ace(ctx: Context) -> MethodResult:
+    """:class:`~avalanche_distributed_rehearsal.integration.DistributedERACE`: the same
+    losses over the sharded buffer (M / N per rank), sampled uniformly over the union of
+    shards like Avalanche's ER_ACE samples its buffer."""
+    from ..integration import DistributedERACE
+    from ..integration.metrics import buffer_metrics
+    from .traffic import TrafficMeter
+
+    cfg = ctx.cfg
+    evaluator = _evaluator(buffer_metrics(every="experience"))
+    model = _model(ctx, train_transform=False)
+    strategy = _strategy_class(ctx, DistributedERACE)(
+        evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync, seed=cfg.seed,
+        transform=ctx.transform, **_er_ace_arguments(ctx, model))
+    meter = TrafficMeter(strategy.replay)
+    strategy.plugins.append(meter)
+    return _run_sharded(ctx, "er_ace", strategy, model, strategy.replay, evaluator, meter)
+
+
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
     "incremental": incremental, "from_scratch": from_scratch,
     "stock_replay": stock_replay, "stock_replay_equal": stock_replay_equal,
-    "ours": ours, "ours_local": ours_local, "stock_der": stock_der, "der": der}
+    "ours": ours, "ours_local": ours_local, "stock_der": stock_der, "der": der,
+    "stock_er_ace": stock_er_ace, "er_ace": er_ace}
 
 #: methods that use the distributed rehearsal buffer (a buffer-metrics log each)
 BUFFER_METHODS = ("ours", "ours_local")

@@ -10,7 +10,8 @@ from typing import Dict, List
 LABELS = {"incremental": "incremental (no replay)", "from_scratch": "from scratch (upper bound)",
           "stock_replay": "stock ReplayPlugin", "stock_replay_equal": "stock ReplayPlugin, M / N per rank",
           "ours": "ours (DistributedReplayPlugin)", "ours_local": "ours, rank-local sampling",
-          "stock_der": "stock DER (Avalanche)", "der": "ours: DistributedDER"}
+          "stock_der": "stock DER (Avalanche)", "der": "ours: DistributedDER",
+          "stock_er_ace": "stock ER-ACE (Avalanche)", "er_ace": "ours: DistributedERACE"}
 
 
 def _bytes(n: int) -> str:
@@ -54,8 +55,11 @@ def markdown_report(results: Dict) -> str:
     """The whole report: settings line, summary table, one accuracy matrix per method."""
     c, mach = results["config"], results["machine"]
     split = c.get("rank_split", "iid") + (f" (skew {c['skew']})" if c.get("rank_split") == "skewed" else "")
+    extras = "".join([", augmented" if c.get("augment") else "",
+                      ", uint8 inputs" if c.get("store_dtype") == "uint8" else ""])
     parts = [f"## Class-incremental {c['dataset']}: {results['n_experiences']} experiences, "
-             f"{results['world_size']} rank(s), {split} split, M = {c['mem_size']}, seed {c['seed']}",
+             f"{results['world_size']} rank(s), {split} split, M = {c['mem_size']}, seed {c['seed']}"
+             f"{extras}",
              f"{mach['cpu_count']} CPU cores, torch {mach['torch']}, {mach['device']}; "
              f"total {results['total_seconds']:.1f} s", "", summary_table(results)]
     for name, m in results["methods"].items():

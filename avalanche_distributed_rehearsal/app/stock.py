@@ -72,6 +72,27 @@ class StockReplayPlugin(ReplayPlugin, supports_distributed=True):
             return super().after_training_exp(strategy, **kwargs)
 
 
+_QUIET_CLASSES: dict = {}
+
+
+def quiet(cls):
+    """``cls`` (an Avalanche strategy class whose buffer updates warn, e.g. ``ER_ACE``,
+    ``DER``) with its experience hooks run under :func:`no_deprecation_warnings`."""
+    if cls not in _QUIET_CLASSES:
+        def _before_training_exp(self, **kwargs):
+            with no_deprecation_warnings():
+                return cls._before_training_exp(self, **kwargs)
+
+        def _after_training_exp(self, **kwargs):
+            with no_deprecation_warnings():
+                return cls._after_training_exp(self, **kwargs)
+
+        _QUIET_CLASSES[cls] = type(f"Quiet{cls.__name__}", (cls,), {
+            "_before_training_exp": _before_training_exp,
+            "_after_training_exp": _after_training_exp})
+    return _QUIET_CLASSES[cls]
+
+
 def distinct_samples(buffer, world: int, group=None) -> int:
     """Collective (every rank calls it, on a group that serves CPU objects): the number of
     distinct samples stored over all ranks' buffers, told apart by their input's bytes.

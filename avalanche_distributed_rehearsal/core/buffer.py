@@ -62,7 +62,7 @@ from .sampling import (Eligible, LocalSampler, Sampler, UniformSampler, make_sam
 from .seeding import ELASTIC, INSERTION, PLAN, derive_seed
 from .storage import ShardStorage
 from .validation import (NONFINITE_POLICIES, all_finite, check_choice, check_int,
-                         check_storage_values, finite_rows, label_list_error, to_int64_cpu)
+                         check_storable, finite_rows, label_list_error, to_int64_cpu)
 
 __all__ = ["DrawRecord", "ExchangeStats", "PreparedDraw", "ShardedRehearsalBuffer",
            "split_budget", "INPUT", "LABEL", "TASK"]
@@ -336,15 +336,14 @@ class ShardedRehearsalBuffer:
         return cands, [labels[i] for i in cands.rows.tolist()], 0, None
 
     def _storage_check(self, record) -> Optional[ValueError]:
-        """:func:`~.validation.check_storage_values` of the fields whose integer storage
-        dtype differs from the batch's (none in the common case: nothing is read)."""
-        layout = self.storage.layout or layout_for(record, self.dtypes)
-        narrow = [name for name, spec in layout.fields.items()
-                  if name in record and name not in (LABEL, TASK) and not spec.dtype.is_floating_point
-                  and record[name].dtype != spec.dtype]
-        if not narrow:
-            return None
-        return check_storage_values({k: record[k] for k in narrow}, layout)
+        """The ValueError of :func:`~.validation.check_storable` (casts into integer storage
+        that would change values), or None. Reads values only for such fields (none in the
+        common case)."""
+        try:
+            check_storable(record, self.storage.layout, self.dtypes)
+        except ValueError as exc:
+            return exc
+        return None
 
     # ------------------------------------------------------------------ stages 2-3: plan, serve
     def _plan(self, r: int, step: int, excluded: tuple):

@@ -14,14 +14,21 @@ Directory format (``FORMAT_VERSION`` 2)::
 A save writes everything into ``<path>.tmp``, then swaps it in with renames; a crash at any
 point leaves the previous checkpoint whole, at ``<path>`` or (between the two renames)
 at ``<path>.old``, where :func:`load_buffer_checkpoint` also looks.
+
+Loading never runs code from a file: every ``.pt`` file is read with
+``torch.load(..., weights_only=True)`` (:func:`safe_load`), which rebuilds tensors and
+plain data (dicts, lists, tuples, strings, numbers, None) and refuses any other object
+with :class:`CheckpointError`, before calling anything the file names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -138,15 +145,31 @@ def read_manifest(path: str) -> tuple[str, dict]:
     raise CheckpointError(f"no checkpoint at {path} (no manifest.json)")
 
 
+def safe_load(file: str, what: str = "file", allowed: Iterable = ()):
+    """``torch.load(file, map_location="cpu", weights_only=True)``: tensors (on the CPU)
+    and plain data only, plus the classes and functions in ``allowed`` (e.g. what NumPy
+    needs to rebuild an array). A file that names anything else is refused with
+    :class:`CheckpointError` before anything it names is called: loading a crafted
+    file runs no code. Any other unreadable file is a :class:`CheckpointError` too.
+    """
+    try:
+        with open(file, "rb") as f, torch.serialization.safe_globals(list(allowed)):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not", str(exc)) or re.search(r"but got (<[^>]*>)", str(exc))
+        named = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{file}: refused: this {what} holds objects other than tensors and plain data"
+            f"{named}, and loading it could run code") from exc
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{file}: unreadable {what} ({exc})") from exc
+
+
 def _load_shard(directory: str, entry: dict) -> dict:
     file = os.path.join(directory, entry["file"])
     if not os.path.exists(file) or os.path.getsize(file) != entry["bytes"]:
         raise CheckpointError(f"{file}: missing or truncated (expected {entry['bytes']} bytes)")
-    try:
-        with open(file, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{file}: unreadable shard ({exc})") from exc
+    return safe_load(file, "shard")
 
 
 def load_buffer_checkpoint(buffer: ShardedRehearsalBuffer, path: str) -> dict:

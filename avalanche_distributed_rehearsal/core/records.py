@@ -70,7 +70,10 @@ def check_record(record, layout: Optional[RecordLayout] = None, missing: Iterabl
     tensors of shape ``(n, ...)`` with the same ``n >= 1``, real or integer dtypes;
     ``"task"``, if present, integer ``(n,)``; the fields, per-sample shapes and dtype
     kinds of ``layout`` when one is given, except the fields named in ``missing`` (to be
-    added later, e.g. the model's outputs, which exist only after the forward pass).
+    added later, e.g. the model's outputs, which exist only after the forward pass). A
+    floating-point field other than ``label``/``task`` may go into integer storage (e.g.
+    ``dtypes={"input": torch.uint8}``): its values are checked at insertion
+    (:func:`~.validation.check_storable`).
     """
     if not isinstance(record, Mapping) or not record:
         raise TypeError(f"a record batch must be a non-empty mapping of field names to tensors, "
@@ -109,7 +112,9 @@ def check_record(record, layout: Optional[RecordLayout] = None, missing: Iterabl
             if tuple(value.shape[1:]) != spec.shape:
                 raise ValueError(f"record field {name!r} must have per-sample shape {spec.shape} "
                                  f"like the samples already stored, got {tuple(value.shape[1:])}")
-            if value.is_floating_point() != spec.dtype.is_floating_point:
+            exact_cast = (value.is_floating_point() and not spec.dtype.is_floating_point
+                          and name not in (LABEL, TASK))  # checked at insertion (check_storable)
+            if value.is_floating_point() != spec.dtype.is_floating_point and not exact_cast:
                 raise ValueError(f"record field {name!r} must be "
                                  f"{'floating point' if spec.dtype.is_floating_point else 'integer'} "
                                  f"like the samples already stored ({spec.dtype}), got {value.dtype}")

@@ -77,43 +77,6 @@ def check_label_values(labels: Optional[torch.Tensor], task_labels: Optional[tor
         raise error
 
 
-def storage_cast_error(name: str, value: torch.Tensor, dtype: torch.dtype) -> Optional[ValueError]:
-    """The ValueError when casting ``value`` to the integer storage ``dtype`` would change
-    it (a float that is not an integer, or a value outside the dtype's range: e.g.
-    normalised floats stored as uint8), else None. Floating-point storage never errs
-    (narrower floats are clamped to their range on the way in)."""
-    if dtype.is_floating_point or value.numel() == 0 or value.dtype == dtype:
-        return None
-    info = torch.iinfo(dtype)
-    if value.is_floating_point():
-        lo, hi = float(value.min()), float(value.max())
-        integral = bool((value == value.round()).all())
-    else:
-        if torch.iinfo(value.dtype).min >= info.min and torch.iinfo(value.dtype).max <= info.max:
-            return None
-        lo, hi, integral = int(value.min()), int(value.max()), True
-    if integral and lo >= info.min and hi <= info.max:
-        return None
-    kind = "integers" if integral else "non-integer values"
-    return ValueError(f"field {name!r} holds {kind} in [{lo}, {hi}], which its storage dtype "
-                      f"{str(dtype).replace('torch.', '')} cannot hold (range [{info.min}, "
-                      f"{info.max}]); store such a field in a floating-point dtype, or give "
-                      "integer values in range (e.g. raw uint8 images before normalisation)")
-
-
-def check_storage_values(record, layout) -> Optional[ValueError]:
-    """:func:`storage_cast_error` of the first field of ``record`` (a mapping of field
-    names to tensors) that ``layout`` stores in an integer dtype it does not fit."""
-    for name, spec in layout.fields.items():
-        value = record.get(name)
-        if value is None or name in ("label", "task"):
-            continue
-        error = storage_cast_error(name, value, spec.dtype)
-        if error is not None:
-            return error
-    return None
-
-
 def all_finite(inputs: torch.Tensor) -> bool:
     """True when ``inputs`` holds no NaN or Inf; one reduction (and one host sync) in the
     common case.
@@ -139,3 +102,58 @@ def finite_rows(inputs: torch.Tensor) -> torch.Tensor:
         return torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     finite = torch.isfinite(inputs)
     return finite if finite.dim() == 1 else finite.flatten(1).all(dim=1)
+
+
+def _lossless_range(dtype: torch.dtype):
+    """``(min, max)`` of an integer ``dtype`` as Python ints."""
+    info = torch.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def check_storable(record, layout=None, dtypes=None) -> None:
+    """Refuse record fields whose cast to an integer storage dtype would change values.
+
+    ``record``: ``{field: (n, ...) tensor}``, on any device. The storage dtype of a field
+    is ``layout.fields[field].dtype`` when ``layout`` (a ``RecordLayout``) is given, else
+    ``dtypes.get(field)`` (the ``dtypes`` argument of the buffer; fields it does not name
+    keep the batch's dtype, which never loses anything). A floating-point field stored
+    as an integer dtype (``dtypes={"input": torch.uint8}``) must hold integers in that
+    dtype's range (``[0, 255]`` for uint8): casting normalised floats to uint8 would
+    silently destroy them. An integer field stored in a narrower integer dtype must fit
+    its range. NaN and Inf are left to the ``nonfinite`` policy. ``label`` and ``task``
+    (stored as int64) are checked elsewhere. Reads the values (a host sync) only for the
+    fields whose cast can lose something: a uint8 batch into uint8 storage costs nothing.
+    Raises ``ValueError`` naming the field, before anything is stored.
+    """
+    for name, value in record.items():
+        if name in ("label", "task") or not isinstance(value, torch.Tensor):
+            continue
+        if layout is not None:
+            spec = layout.fields.get(name)
+            target = None if spec is None else spec.dtype
+        else:
+            target = (dtypes or {}).get(name)
+        if target is None or target == value.dtype or target.is_floating_point or target == torch.bool:
+            continue
+        lo, hi = _lossless_range(target)
+        if value.is_floating_point():
+            finite = torch.isfinite(value)
+            bad = finite & ((value != torch.trunc(value)) | (value < lo) | (value > hi))
+        elif value.dtype == torch.bool or value.dtype == getattr(torch, "uint64", None):
+            continue
+        else:
+            vlo, vhi = _lossless_range(value.dtype)
+            if lo <= vlo and vhi <= hi:
+                continue
+            bad = (value < lo) | (value > hi)
+        if value.numel() and bool(bad.any()):
+            example = value[bad].flatten()[0].item()
+            why = (f"dtypes[{name!r}]" if name in (dtypes or {})
+                   else "like the samples already stored")
+            raise ValueError(
+                f"record field {name!r} is stored as {str(target).replace('torch.', '')} "
+                f"({why}) but the batch holds {str(value.dtype).replace('torch.', '')} "
+                f"values that are not integers in [{lo}, {hi}] (e.g. {example!r}): the cast "
+                f"would change them. Give the buffer the un-normalised integer batch (e.g. "
+                f"uint8 pixels) and convert it in the plugin's transform, or store {name!r} "
+                f"in a floating-point dtype")

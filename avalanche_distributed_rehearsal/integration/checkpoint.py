@@ -6,7 +6,13 @@ and a manifest) plus ``training.pt``: the model's and optimizer's ``state_dict``
 strategy clock's counters and the plugin's state (step counter, classes seen); and
 ``rng-<rank>.pt``: every rank's random number generator states (torch, CUDA, Python,
 NumPy: data-loader shuffling, dropout and augmentations draw from them). All plain
-tensors and ints.
+tensors and Python data, except NumPy's state, which holds a NumPy array.
+
+Loading runs no code from the files: each is read with ``torch.load(...,
+weights_only=True)`` (:func:`~avalanche_distributed_rehearsal.core.checkpoint.safe_load`);
+``training.pt`` may hold tensors and plain data only, ``rng-<rank>.pt`` also the four
+NumPy names NumPy's uint32 state array needs (:data:`NUMPY_ARRAY_GLOBALS`); a file holding anything else is
+refused with ``CheckpointError`` before anything in it is called.
 
 Resuming on more ranks than saved: a rank with no saved generator state of its own seeds
 every generator from :func:`~avalanche_distributed_rehearsal.core.seeding.derive_seed` of
@@ -26,13 +32,29 @@ import numpy as np
 import torch
 
 from ..core.checkpoint import (CheckpointError, load_buffer_checkpoint, rank_file_name,
-                               read_manifest, save_buffer_checkpoint)
+                               read_manifest, safe_load, save_buffer_checkpoint)
 from ..core.seeding import derive_seed
 from .plugin import DistributedReplayPlugin
 
 TRAINING_FILE = "training.pt"
 RNG = "rng"
 READY = "ready"  # each rank's representatives prepared for the next step
+
+
+def _numpy_array_globals() -> tuple:
+    """What unpickling NumPy's generator state (a uint32 array) names: ``ndarray``,
+    ``dtype``, the array rebuilder (``numpy._core`` in NumPy 2, ``numpy.core`` before)
+    and the uint32 dtype class."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import _reconstruct
+    # ndarray, dtype, the array rebuilder, and the class of the MT19937 key's dtype
+    return (np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32)))
+
+
+#: The only non-plain names a generator-state file may hold (NumPy's MT19937 key array).
+NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,13 +110,10 @@ def _fresh_rng_state(rank0_state: dict, rank: int) -> dict:
             "cuda_seed": seed(_CUDA)}
 
 
-def _load(file: str):
+def _load(file: str, allowed=()):
     if not os.path.exists(file):
         raise CheckpointError(f"{file}: missing (not a training checkpoint?)")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{file}: unreadable ({exc})") from exc
+    return safe_load(file, "training checkpoint file", allowed)
 
 
 def _clock_state(strategy) -> dict:
@@ -136,9 +155,10 @@ def load_training_checkpoint(path: str, strategy, plugin: DistributedReplayPlugi
     training = _load(os.path.join(directory, TRAINING_FILE))
     rank = plugin._ensure_pipeline(strategy).buffer.rank
     if rank < manifest["world_size"]:
-        rng = _load(os.path.join(directory, rank_file_name(RNG, rank)))
+        rng = _load(os.path.join(directory, rank_file_name(RNG, rank)), NUMPY_ARRAY_GLOBALS)
     else:
-        rng = _fresh_rng_state(_load(os.path.join(directory, rank_file_name(RNG, 0))), rank)
+        rng = _fresh_rng_state(_load(os.path.join(directory, rank_file_name(RNG, 0)),
+                                     NUMPY_ARRAY_GLOBALS), rank)
     pipeline = plugin.pipeline
     pipeline.invalidate()
     load_buffer_checkpoint(pipeline.buffer, directory)

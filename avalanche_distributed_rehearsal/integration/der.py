@@ -51,6 +51,16 @@ class DistributedDER(SupervisedTemplate):
             its ``device``).
         logits_dtype: storage dtype of the logits (float16 halves their bytes; float32
             keeps them exactly).
+        transform: applied once per step to ``[x_i ; R_i]`` on the training device (see
+            :class:`DistributedReplayPlugin`): the buffer stores the inputs before it, so
+            each draw of a stored sample is transformed (augmented) afresh. The stored
+            logits stay the outputs of the forward pass at insertion, that is of the view
+            the model trained on then: the *transformed* (augmented) input, as in Mammoth's
+            DER, which stores the un-augmented input beside the logits of its augmented
+            view. The MSE term then matches the logits of that past view against the
+            outputs of a new view of the same sample.
+        eval_transform, dtypes: see :class:`DistributedReplayPlugin` (e.g.
+            ``dtypes={"input": torch.uint8}`` with a uint8-to-float ``transform``).
         The rest: the usual ``SupervisedTemplate`` arguments.
 
     The model's output width must not change while the buffer holds logits (a fixed
@@ -68,7 +78,9 @@ class DistributedDER(SupervisedTemplate):
                  num_candidates: Optional[int] = None, async_mode: bool = True, seed: int = 0,
                  buffer_device=None, logits_dtype: torch.dtype = torch.float16,
                  replay_new_classes: bool = False, timeout: Optional[float] = None,
-                 nonfinite: str = "raise", offer_epoch: str = "last", **kwargs):
+                 nonfinite: str = "raise", offer_epoch: str = "last",
+                 transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
+                 dtypes: Optional[dict] = None, **kwargs):
         check_int("train_mb_size", train_mb_size, 1)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -78,7 +90,8 @@ class DistributedDER(SupervisedTemplate):
             mem_size=mem_size, batch_size_mem=batch_size_mem, num_candidates=num_candidates,
             sampling=sampling, async_mode=async_mode, seed=seed, device=buffer_device,
             timeout=timeout, nonfinite=nonfinite, replay_new_classes=replay_new_classes,
-            store_outputs=LOGITS, output_dtype=logits_dtype, offer_epoch=offer_epoch)
+            store_outputs=LOGITS, output_dtype=logits_dtype, offer_epoch=offer_epoch,
+            transform=transform, eval_transform=eval_transform, dtypes=dtypes)
         super().__init__(model=model, optimizer=optimizer, criterion=criterion,
                          train_mb_size=train_mb_size, train_epochs=train_epochs,
                          eval_mb_size=eval_mb_size, device=device,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Set
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Callable, Optional, Set
 
 import torch
 from avalanche.core import SupervisedPlugin
 
 from ..core import RehearsalPipeline, StepContext
+from ..core.records import INPUT
 from ..core.validation import check_int
 from .batches import BatchFields
-from .storage_policy import DistributedRehearsalBuffer
+from .storage_policy import DistributedRehearsalBuffer, _world
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -74,9 +76,29 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             outputs of a model trained on the experience (as Avalanche's DER, which
             computes them at the end of the experience), not of its first epoch.
         dtypes: storage dtypes of other fields, e.g. ``{"input": torch.uint8}`` for
-            uint8 images (default: the batch's dtypes).
+            uint8 images (default: the batch's dtypes, so a uint8 batch is stored, and
+            exchanged, as uint8 already). A floating-point batch stored as an integer
+            dtype must hold integers in its range (``[0, 255]`` for uint8), else
+            ``ValueError`` (casting normalised floats to uint8 would destroy them).
+        transform: a callable mapping an input batch ``(n, ...)`` on the training device
+            to the model's input (conversion, normalisation, augmentation; e.g. uint8
+            images to normalised, randomly cropped floats), or None. The buffer stores
+            the rows *before* it (the mini-batch's own ``input`` entry); it runs once per
+            step, on ``[x_i ; R_i]`` after the merge, so every draw of a stored sample is
+            transformed afresh. It must return a new tensor of ``n`` rows (and not modify
+            its argument in place). Random transforms that draw from torch's generator on
+            the training thread keep asynchronous and synchronous runs bit-identical (the
+            buffer never draws from it).
+        eval_transform: a callable applied to the ``input`` entry of every evaluation
+            mini-batch (e.g. the conversion and normalisation of ``transform`` without the
+            augmentation), or None (default): evaluation mini-batches are then left as
+            the evaluation stream gives them.
+        merge_replay: True (default): the representatives are appended to the mini-batch
+            (``b + d`` rows). False: the mini-batch keeps its ``b`` rows and the
+            representatives, transformed with them, are in :attr:`replay_batch` for the
+            strategy to use apart (ER-ACE, see :class:`DistributedERACE`).
 
-    Evaluation is left untouched. ``train()`` may be called any number of times (online
+    Evaluation is left untouched (unless ``eval_transform`` is given). ``train()`` may be called any number of times (online
     continual learning calls it once per mini-batch): the worker starts once, and the job
     it runs at the end of a ``train()`` call (preparing the next step) overlaps whatever
     follows; ``storage_policy.core``, ``storage_policy.buffer``, the metrics and the
@@ -92,7 +114,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     The unpickled plugin applies that state at its first training step, like
     :meth:`load_state_dict` before the first step; a plugin referenced from several
     places (its ``storage_policy`` too) stays one object within one pickle. A closed
-    plugin pickles too.
+    plugin pickles too. ``transform`` and ``eval_transform`` are settings: pickling needs
+    them picklable (module-level functions or objects, not lambdas).
     """
 
     def __init__(self, mem_size: int = 2000, batch_size_mem: Optional[int] = None,
@@ -103,16 +126,24 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
                  timeout: Optional[float] = None, nonfinite: str = "raise",
                  replay_new_classes: bool = False, fields: Optional[dict] = None,
                  store_outputs: Optional[str] = None, output_dtype: torch.dtype = torch.float16,
-                 dtypes: Optional[dict] = None, offer_epoch: str = "first"):
+                 dtypes: Optional[dict] = None, offer_epoch: str = "first",
+                 transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
+                 merge_replay: bool = True):
         super().__init__()
         check_int("mem_size", mem_size, 1)
+        _check_world("mem_size", mem_size)
         if batch_size_mem is not None:
             check_int("batch_size_mem", batch_size_mem, 0)
         if num_candidates is not None:
             check_int("num_candidates", num_candidates, 0)
-        for name, flag in (("async_mode", async_mode), ("replay_new_classes", replay_new_classes)):
+        for name, flag in (("async_mode", async_mode), ("replay_new_classes", replay_new_classes),
+                           ("merge_replay", merge_replay)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        for name, f in (("transform", transform), ("eval_transform", eval_transform)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{name} must be a callable mapping an input batch (n, ...) to "
+                                f"the model's input, or None; got {type(f).__name__}")
         if store_outputs is not None and (not isinstance(store_outputs, str) or not store_outputs):
             raise TypeError(f"store_outputs must be a field name or None, got {store_outputs!r}")
         if not isinstance(output_dtype, torch.dtype) or not output_dtype.is_floating_point:
@@ -141,6 +172,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.replay_new_classes = replay_new_classes
         self.storage_policy = storage_policy
         self.store_outputs = store_outputs
+        self.transform = transform
+        self.eval_transform = eval_transform
+        self.merge_replay = merge_replay
         self.seen_classes: Set[int] = set()
         #: Experiences whose training ended (the index of the one in training, in the
         #: buffer's step context: every rank counts the same).
@@ -153,6 +187,10 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.last_replay: dict = {}
         self.new_rows = 0
         self.replayed_rows = 0
+        #: The replayed rows as the model gets them: ``{field: (d, ...)}`` on the training
+        #: device, in the mini-batch's dtypes, ``input`` after ``transform``. With
+        #: ``merge_replay=True`` views of the last ``d`` rows of the mini-batch.
+        self.replay_batch: dict = {}
         self._record: Optional[tuple] = None  # (record or None, context): offered after the forward pass
 
     @property
@@ -162,6 +200,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     def _ensure_pipeline(self, strategy: "SupervisedTemplate") -> RehearsalPipeline:
         policy = self.storage_policy
         if policy.pipeline is None:
+            _check_world("mem_size", self.mem_size)
             b = strategy.train_mb_size
             r = self.batch_size_mem if self.batch_size_mem is not None else max(1, b // 4)
             c = self.num_candidates if self.num_candidates is not None else b
@@ -192,11 +231,17 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         record = self.batch_fields.to_record(mbatch)
         pipeline = self._ensure_pipeline(strategy)
         missing = () if self.store_outputs is None else (self.store_outputs,)
-        self.new_rows = pipeline.buffer.check_record(record, missing)  # before any change
+        buffer = pipeline.buffer
+        self.new_rows = buffer.check_record(record, missing)  # before any change
+        if self.storage_policy._sample_keys is None:
+            self.storage_policy.remember_sample_keys(self.batch_fields.mapping(mbatch))
+        # values (NaN, labels, lossy casts into integer storage) are checked by the step
+        # itself, on every rank at once: a rank that failed here alone would leave the
+        # others waiting in the step's collective
         context = step_context(strategy, self.experiences)
         device = next(iter(record.values())).device
         reps = pipeline.take(device, context, steps_left(strategy, context))
-        strategy.mbatch = self.batch_fields.merge(mbatch, reps)
+        merged = self.batch_fields.merge(mbatch, reps)
         self.last_replay = reps
         self.replayed_rows = pipeline.last_representatives
         offer = record if self._offering(strategy) else None
@@ -204,6 +249,46 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             pipeline.offer(offer, context, checked=True)  # checked above, before take()
         else:
             self._record = (offer, context)
+        strategy.mbatch = self._model_batch(mbatch, merged, offer is not None)
+
+    def _model_batch(self, mbatch, merged, offered: bool):
+        """``merged`` (``[x_i ; R_i]``) as the model trains on it: ``transform`` applied to
+        its input entry (a new tensor: the stored rows are never transformed); with
+        ``merge_replay=False`` the representatives' rows moved to :attr:`replay_batch`."""
+        b = self.new_rows
+        mapping = self.batch_fields.mapping(mbatch)
+        if self.transform is not None:
+            if INPUT not in mapping:
+                raise ValueError(f"transform needs an 'input' field to transform; the mini-batch's "
+                                 f"stored fields are {sorted(mapping)} (see fields=)")
+            key = mapping[INPUT]
+            x = merged[key]
+            if x is mbatch[key] and offered and self.store_outputs is not None:
+                x = x.clone()  # the raw rows are offered after the forward pass
+            out = self.transform(x)
+            if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"transform must return a tensor with one row per input row "
+                                 f"({x.shape[0]}, ...), got {got}")
+            merged[key] = out
+        replayed = {name: key for name, key in mapping.items() if name in self.last_replay}
+        self.replay_batch = {name: merged[key][b:] for name, key in replayed.items()}
+        if not self.merge_replay and self.replayed_rows:
+            for key in replayed.values():
+                merged[key] = merged[key][:b]
+        return merged
+
+    def before_eval_iteration(self, strategy: "SupervisedTemplate", **kwargs):
+        if self.eval_transform is None:
+            return
+        mbatch = strategy.mbatch
+        mapping = self.batch_fields.mapping(mbatch)
+        if INPUT not in mapping:
+            raise ValueError(f"eval_transform needs an 'input' field to transform; the "
+                             f"mini-batch's fields are {sorted(mapping)} (see fields=)")
+        out = dict(mbatch) if isinstance(mbatch, Mapping) else list(mbatch)
+        out[mapping[INPUT]] = self.eval_transform(mbatch[mapping[INPUT]])
+        strategy.mbatch = out
 
     def _offering(self, strategy) -> bool:
         """Whether this epoch's mini-batches are offered (one epoch per experience)."""
@@ -270,6 +355,8 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
     def __setstate__(self, state: dict) -> None:
         if not isinstance(state, dict) or "storage_policy" not in state:
             raise ValueError("not a pickled DistributedReplayPlugin state")
+        # settings absent from pickles of earlier releases
+        self.__dict__.update(transform=None, eval_transform=None, merge_replay=True, replay_batch={})
         self.__dict__.update(state)
 
     def load_state_dict(self, state: dict, strategy: Optional["SupervisedTemplate"] = None) -> None:
@@ -315,6 +402,14 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             self._pending_state = {"buffer": None, "pipeline": pipeline.state_dict(),
                                    "seen_classes": sorted(self.seen_classes),
                                    "experiences": self.experiences}
+
+
+def _check_world(name: str, budget: int) -> None:
+    """``ValueError`` naming ``name`` unless the global budget gives every rank a sample."""
+    _, world = _world()
+    if budget < world:
+        raise ValueError(f"{name} ({budget}) must be at least the world size ({world}): the "
+                         "global budget is split over the ranks and every rank stores a sample")
 
 
 def step_context(strategy, experience: Optional[int] = None) -> StepContext:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
+from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
 from avalanche.benchmarks.utils.classification_dataset import (
     _make_taskaware_tensor_classification_dataset,
 )
 from avalanche.training.storage_policy import ExemplarsBuffer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..core import RehearsalPipeline, ShardedRehearsalBuffer, split_budget
 from ..core.layout import RecordLayout
-from ..core.records import INPUT, INSERTION_POLICIES, LABEL, TASK, check_dtypes
+from ..core.records import INPUT, INSERTION_POLICIES, LABEL, TASK, check_dtypes, is_class_labels
 from ..core.sampling import make_sampler
 from ..core.validation import NONFINITE_POLICIES, check_choice, check_int
 from .batches import BatchFields
@@ -105,6 +106,8 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         self.pipeline: Optional[RehearsalPipeline] = None
         # An unpickled shard state, loaded into the core when it is created.
         self._pending_shard: Optional[dict] = None
+        # {record field: sample position or key} of the samples inserted (for `buffer`).
+        self._sample_keys: Optional[Dict[str, object]] = None
 
     @property
     def core(self) -> Optional[ShardedRehearsalBuffer]:
@@ -127,6 +130,10 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         raised before anything is created.
         """
         if self._core is None:
+            _, world = _world()
+            if self.max_size < world:
+                raise ValueError(f"max_size ({self.max_size}) must be at least the world size "
+                                 f"({world})")
             pending = self._pending_shard
             if pending is not None:
                 _check_same_rank(pending)
@@ -162,10 +169,14 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     # ------------------------------------------------------------------ ExemplarsBuffer API
     @property
     def buffer(self):
-        """This rank's shard as an AvalancheDataset of ``(x, y, t)`` (a snapshot copy).
+        """This rank's shard as an AvalancheDataset (a snapshot copy, CPU tensors).
 
-        For records of ``input``, ``label`` and ``task`` fields (the default); other
-        records raise ``ValueError`` (read ``core.local_tensors()`` instead)."""
+        Samples look like the samples inserted, so that Avalanche's ``ReplayPlugin`` can
+        mix them with the stream's: ``(x, y, t)`` for sequence samples (the default
+        fields; ``t`` zeros when no task label is stored), a dictionary ``{key: row}``
+        under the samples' own keys for dictionary samples (every stored entry; entries
+        the buffer does not store are absent). ``targets`` and ``targets_task_labels`` are
+        set from the stored labels (class labels) and task labels (zeros when absent)."""
         core = self._idle()
         if core is None and self._pending_shard is not None:
             fields = _shard_fields(self._pending_shard)
@@ -174,9 +185,9 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
         if not fields:
             return _make_taskaware_tensor_classification_dataset(
                 torch.zeros(0), torch.zeros(0, dtype=torch.long), task_labels=[], targets=[])
-        if not {INPUT, LABEL} <= set(fields):
-            raise ValueError(f"buffer needs records with 'input' and 'label' fields; this "
-                             f"shard stores {sorted(fields)}: read core.local_tensors()")
+        keys = self._sample_keys or {name: name for name in fields}
+        if not {INPUT, LABEL} <= set(fields) or not all(isinstance(k, int) for k in keys.values()):
+            return _record_dataset(fields, keys)
         x = fields[INPUT].to("cpu", copy=True)
         y = fields[LABEL].to("cpu", copy=True)
         t = (fields[TASK].to("cpu", copy=True) if TASK in fields
@@ -213,7 +224,9 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
             if part:
                 loader = DataLoader(torch.utils.data.Subset(dataset, part), batch_size=len(part),
                                     shuffle=False, num_workers=0)
-                record = self.fields.to_record(next(iter(loader)))  # (x, y[, ..., t]) or a dict
+                batch = next(iter(loader))  # (x, y[, ..., t]) samples or a dictionary
+                self.remember_sample_keys(self.fields.mapping(batch))
+                record = self.fields.to_record(batch)
             core.insert_record(record)
         if self.pipeline is not None:
             self.pipeline.invalidate()
@@ -252,6 +265,12 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
             raise RuntimeError("the buffer is not created yet (no update or training step ran)")
         return core.state_dict()
 
+    def remember_sample_keys(self, mapping: Mapping[str, object]) -> None:
+        """Note ``{record field: sample position or key}`` of the samples inserted, so
+        that :attr:`buffer` gives its samples the same form (never waits)."""
+        if self._sample_keys is None:
+            self._sample_keys = dict(mapping)
+
     def _has_shard(self) -> bool:
         """Whether :meth:`state_dict` has a shard to give (never waits)."""
         return self._core is not None or self._pending_shard is not None
@@ -275,6 +294,7 @@ class DistributedRehearsalBuffer(ExemplarsBuffer):
     def __setstate__(self, state: dict) -> None:
         if not isinstance(state, dict) or "_pending_shard" not in state or "max_size" not in state:
             raise ValueError("not a pickled DistributedRehearsalBuffer state")
+        self._sample_keys = None  # absent from pickles of earlier releases
         self.__dict__.update(state)
 
     def load_state_dict(self, state: dict, default_device="cpu") -> None:
@@ -308,6 +328,35 @@ def _check_same_rank(state: dict) -> None:
             f"loaded on rank {rank} of {world}: under torchrun every rank must pickle to, and "
             "load from, its own file (e.g. f'ckpt-{rank}.pkl') on the same number of ranks; "
             "use save_training_checkpoint/load_training_checkpoint to change that number")
+
+
+class _RecordSamples(Dataset):
+    """Samples ``{key: fields[name][i]}`` of a record batch, under the samples' own keys
+    (a tuple in position order when every key is a position)."""
+
+    def __init__(self, fields: Mapping[str, torch.Tensor], keys: Mapping[str, object]):
+        self.columns = {keys.get(name, name): value for name, value in fields.items()}
+        self.length = len(next(iter(fields.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if all(isinstance(key, int) for key in self.columns):  # sequence samples, in order
+            return tuple(self.columns[key][i] for key in sorted(self.columns))
+        return {key: value[i] for key, value in self.columns.items()}
+
+
+def _record_dataset(fields: Mapping[str, torch.Tensor], keys: Mapping[str, object]):
+    """An AvalancheDataset of dictionary samples (copies of ``fields`` on the CPU), with
+    ``targets`` (class labels, when stored) and ``targets_task_labels``."""
+    fields = {name: value.to("cpu", copy=True) for name, value in fields.items()}
+    n = len(next(iter(fields.values())))
+    tasks = fields[TASK].tolist() if TASK in fields else [0] * n
+    attributes = [DataAttribute(tasks, "targets_task_labels")]
+    if LABEL in fields and is_class_labels(fields[LABEL]):
+        attributes.append(DataAttribute(fields[LABEL].tolist(), "targets"))
+    return AvalancheDataset([_RecordSamples(fields, keys)], data_attributes=attributes)
 
 
 def _shard_fields(state: dict) -> dict:
