@@ -431,7 +431,7 @@ def _panels(doc) -> List[Tuple[str, str]]:
 
 
 def _panel_title(doc, split, scaling, model) -> str:
-    return f"{_split_name(doc, split)} split, {_model_name(model)}, {scaling} scaling"
+    return f"{_split_name(doc, split)} split, {_model_name(model)}\n{scaling} scaling"
 
 
 def _per_split_plot(doc, path, quantity, ylabel, scale=1.0, ylim=None):
@@ -511,7 +511,8 @@ def plot_accuracy_vs_memory(doc, path):
                     ax.annotate(str(w), (x, y), fontsize=6, ha="center", va="center")
             ax.set_xlabel("buffer memory per rank (KiB)")
             ax.set_ylabel("final avg. accuracy (%)")
-            ax.set_title(_panel_title(doc, split, scaling, model) + " (numbers: N)", fontsize=9)
+            ax.set_title(_panel_title(doc, split, scaling, model) + " (numbers on points: N)",
+                         fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
