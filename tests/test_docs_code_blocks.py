@@ -7,7 +7,10 @@
   (their failures say that an earlier block failed).
 * A block preceded by a ``<!-- not-run: reason -->`` comment (on the line above its
   opening fence, blank lines allowed in between) is skipped; the reason is required. Use
-  it only for what cannot run here (torchrun, a GPU, a download), and say so.
+  it only for what cannot run here (a GPU, a download, a cluster), and say so.
+* A block preceded by ``<!-- torchrun: N -->`` is a complete script that is also run on
+  its own under ``torchrun --nproc-per-node=N`` (CPU, gloo), besides running in its file's
+  namespace: a block that shows torchrun use is tested under torchrun.
 * Every ```bash (or ```sh, ```console) line that starts the main job or the study is
   parsed by that program's own argument parser (and, for the main job, checked against
   the ranks it would run on), so every option and value it shows is valid; every
@@ -29,6 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(.*?)\s*-->\s*$")
+TORCHRUN = re.compile(r"^\s*<!--\s*torchrun:\s*(\d+)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)```+\s*([A-Za-z0-9_+-]*)")
 
 
@@ -37,6 +41,7 @@ class Block(NamedTuple):
     line: int  # line number (1-based) of the block's first code line in its file
     code: str
     skip: Optional[str]  # the not-run reason, or None
+    torchrun: Optional[int] = None  # ranks to run it on as a script under torchrun
 
 
 def blocks(text: str) -> List[Block]:
@@ -46,7 +51,7 @@ def blocks(text: str) -> List[Block]:
     """
     out: List[Block] = []
     lines = text.splitlines()
-    i, mark = 0, None
+    i, mark, ranks = 0, None, None
     while i < len(lines):
         line = lines[i]
         m = NOT_RUN.match(line)
@@ -54,6 +59,11 @@ def blocks(text: str) -> List[Block]:
             if not m.group(1):
                 raise ValueError(f"line {i + 1}: <!-- not-run: --> needs a reason")
             mark = m.group(1)
+            i += 1
+            continue
+        t = TORCHRUN.match(line)
+        if t:
+            ranks = int(t.group(1))
             i += 1
             continue
         f = FENCE.match(line)
@@ -65,11 +75,11 @@ def blocks(text: str) -> List[Block]:
                 j += 1
             if j == len(lines):
                 raise ValueError(f"line {i + 1}: unclosed code fence")
-            out.append(Block(lang, i + 2, "\n".join(body) + "\n", mark))
-            mark, i = None, j + 1
+            out.append(Block(lang, i + 2, "\n".join(body) + "\n", mark, ranks))
+            mark, ranks, i = None, None, j + 1
             continue
         if line.strip():
-            mark = None  # a mark applies to the next block only, across blank lines
+            mark = ranks = None  # a mark applies to the next block only, across blank lines
         i += 1
     return out
 
@@ -239,6 +249,27 @@ def test_python_blocks_run(path, tmp_path):
     assert not failed, f"{len(failed)} of {ran} python block(s) of {_id(path)} failed:\n{stderr}"
 
 
+def _torchrun_blocks():
+    return [pytest.param(path, b, id=f"{_id(path)}:{b.line}")
+            for path in doc_files() for b in blocks(path.read_text())
+            if b.torchrun and b.skip is None and b.lang in ("python", "py")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("path, block", _torchrun_blocks())
+def test_torchrun_blocks_run_under_torchrun(path, block, tmp_path):
+    script = tmp_path / "block.py"
+    script.write_text("\n" * (block.line - 1) + block.code)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc-per-node={block.torchrun}", "--rdzv-backend=c10d",
+                           "--rdzv-endpoint=127.0.0.1:0", str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, (f"{_id(path)}:{block.line} failed under torchrun with "
+                                  f"{block.torchrun} ranks:\n{proc.stderr[-4000:]}")
+
+
 @pytest.mark.parametrize("path", [_file_param(p) for p in doc_files()])
 def test_shell_commands_are_valid(path):
     problems = []
@@ -255,7 +286,7 @@ DOC = """# t
 x = 1
 ```
 
-<!-- not-run: needs torchrun -->
+<!-- not-run: needs a GPU -->
 
 ```python
 raise SystemExit("never")
@@ -268,6 +299,7 @@ y = x + 1
 undefined_name
 ```
 
+<!-- torchrun: 2 -->
 ```python
 print(y)
 ```
@@ -276,9 +308,9 @@ print(y)
 
 def test_extraction_marks_and_line_numbers():
     found = blocks(DOC)
-    assert [(b.lang, b.line, b.skip) for b in found] == [
-        ("python", 4, None), ("python", 10, "needs torchrun"), ("python", 16, None),
-        ("python", 21, None)]
+    assert [(b.lang, b.line, b.skip, b.torchrun) for b in found] == [
+        ("python", 4, None, None), ("python", 10, "needs a GPU", None), ("python", 16, None, None),
+        ("python", 22, None, 2)]
     assert found[2].code == "y = x + 1\nundefined_name\n"
     with pytest.raises(ValueError, match="reason"):
         blocks("<!-- not-run: -->\n```python\nx\n```\n")
