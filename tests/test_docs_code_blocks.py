@@ -15,6 +15,8 @@
   parsed by that program's own argument parser (and, for the main job, checked against
   the ranks it would run on), so every option and value it shows is valid; every
   ``examples/...`` script it names exists.
+* Every relative link (outside code blocks) points to a file that exists, and to a
+  heading of it when it names one (GitHub's anchors).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def doc_files() -> List[Path]:
 
 
 def _id(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 #: runs in the subprocess: every block of one file, in order, in one namespace
@@ -279,6 +281,52 @@ def test_shell_commands_are_valid(path):
     assert not problems, "\n".join(problems)
 
 
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set:
+    out, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            out.add(slug(line.lstrip("#")))
+    return out
+
+
+def broken_links(path: Path) -> List[str]:
+    """Relative links of ``path`` (outside code blocks) whose file or heading is missing."""
+    problems, fenced = [], False
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        for target in LINK.findall(line):
+            if re.match(r"^[a-z]+:", target):
+                continue  # http(s), mailto
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                problems.append(f"{_id(path)}:{n}: {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                problems.append(f"{_id(path)}:{n}: {target}: no such heading")
+    return problems
+
+
+@pytest.mark.parametrize("path", [_file_param(p) for p in doc_files()])
+def test_links_resolve(path):
+    problems = broken_links(path)
+    assert not problems, "\n".join(problems)
+
+
 # ---------------------------------------------------------------------------- the machinery
 DOC = """# t
 
@@ -328,6 +376,16 @@ def test_a_failing_block_is_reported_with_its_line(tmp_path):
     assert ran == 3 and failed == [16]  # the skipped block never ran; the last one did
     assert f"FAILED BLOCK {doc}:16: 'y = x + 1'" in stderr and "NameError" in stderr
     assert f'File "{doc}", line 17' in stderr  # the traceback names the Markdown line
+
+
+def test_link_checks(tmp_path):
+    assert slug("Dark Experience Replay: `DistributedDER`") == "dark-experience-replay-distributedder"
+    (tmp_path / "other.md").write_text("# A heading\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("[ok](other.md#a-heading) [web](https://x.org/y) [self](#top)\n# Top\n"
+                   "[gone](missing.md) [bad](other.md#nope)\n```\n[in code](nothing.md)\n```\n")
+    assert [p.split(": ", 1)[1] for p in broken_links(doc)] == [
+        "missing.md: no such file", "other.md#nope: no such heading"]
 
 
 def test_shell_checks():
