@@ -335,7 +335,8 @@ def test_study_models_and_both_scalings_in_one_grid(tmp_path):
         (m, s, w) for m in ("cnn", "cnn_gn") for s in ("strong", "weak") for w in (1, 2))
     md = (out / "study.md").read_text()
     for needle in ("Strong scaling: b = 32", "Weak scaling: b = 16", "cnn (BatchNorm)",
-                   "cnn_gn (GroupNorm)", "no SyncBatchNorm", "| strong | cnn_gn | iid | 2 |"):
+                   "cnn_gn (GroupNorm)", "no SyncBatchNorm", "| strong | cnn_gn | iid | 2 |",
+                   "share one run"):
         assert needle in md, needle
     # panels: a row per (scaling, model), a column per split; traffic: memory + a scaling each
     w, h = _png_size(out / "train_time_vs_world.png")

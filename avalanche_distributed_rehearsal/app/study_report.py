@@ -335,6 +335,10 @@ def markdown(doc: dict) -> str:
         f"at the start of the last invocation {last.get('load_average_start')}, at its end "
         f"{last.get('load_average_end')}.",
     ]
+    if len(cfg["scalings"]) > 1:
+        lines += ["", "Points of both scalings that give the main job the same per-rank b and r "
+                  "share one run (each cell's per-seed entries name it), so their rows repeat "
+                  "the same numbers."]
     if any(NORMS.get(m) == "BatchNorm" for m in cfg["models"]):
         lines += ["", "BatchNorm under DDP: each rank normalises its own mini-batch (its new "
                   "samples and the representatives it replays) with its own batch statistics "
