@@ -7,11 +7,18 @@ Used this way the buffer is updated once per experience (``post_adapt``): each r
 its share of the experience into its shard (M / N samples per rank instead of Avalanche's
 M on every rank) and ``ReplayPlugin`` replays from the rank's own shard. For globally
 sampled, per-step replay use ``DistributedReplayPlugin`` (see train_distributed.py).
+
+Avalanche 0.6's ``ReplayPlugin`` calls the deprecated ``ExemplarsBuffer.update`` after every
+experience, and the ``@deprecated`` decorator re-enables ``DeprecationWarning`` for the
+whole process before it warns, so no filter set up front holds it back: training runs
+inside the main job's ``no_deprecation_warnings()``, which collects the warnings raised in
+the block, drops the ``DeprecationWarning``\ s and shows any other.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -20,6 +27,7 @@ from avalanche.training.supervised import Naive
 
 from avalanche_distributed_rehearsal import DistributedRehearsalBuffer
 from avalanche_distributed_rehearsal.app.data import digits_benchmark, load_digits
+from avalanche_distributed_rehearsal.app.stock import no_deprecation_warnings
 from avalanche_distributed_rehearsal.integration.metrics import BufferSize
 
 MEM_SIZE = 200
@@ -41,13 +49,16 @@ def main() -> None:
         model = torch.nn.parallel.DistributedDataParallel(model)
     policy = DistributedRehearsalBuffer(max_size=MEM_SIZE, sampling="class_balanced", seed=0)
     replay = ReplayPlugin(mem_size=MEM_SIZE, batch_size_mem=32, storage_policy=policy)
+    warnings.filterwarnings("ignore", message="No loggers specified")  # we read the metrics
     evaluator = EvaluationPlugin(BufferSize("global"), BufferSize("local"), loggers=[])
-    strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                     torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=10,
+    strategy = Naive(model=model,
+                     optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=10,
                      device="cpu", plugins=[replay], evaluator=evaluator, eval_every=-1)
     try:
         for exp in bm.train_stream:
-            strategy.train(exp, eval_streams=[])
+            with no_deprecation_warnings():  # ReplayPlugin's deprecated update()
+                strategy.train(exp, eval_streams=[])
         sizes = {k.split("/")[0]: v for k, v in evaluator.get_last_metrics().items()}
     finally:
         policy.close()

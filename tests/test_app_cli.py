@@ -25,6 +25,10 @@ ROW_BYTES = 64 * 4 + 8 + 8  # digits sample: 64 float32 + int64 label + int64 ta
     (["--methods", "ours,ours"], "--methods"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--model", "resnet18"], "--model resnet18"),
+    (["--model", "resnet18_gn"], "--model resnet18_gn"),
+    (["--model", "cnn", "--dataset", "synthetic", "--synthetic-shape", "10"], "--model cnn"),
+    (["--model", "vgg"], "--model"),
+    (["--mem-size", "0"], "--mem-size"),
     (["--synthetic-shape", "1,2,3,4"], "--synthetic-shape"),
     (["--mem-size", "abc"], "--mem-size"),
     (["--lr", "-1"], "--lr"),
@@ -46,6 +50,17 @@ def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert err.startswith("avalanche_distributed_rehearsal: error:")
+
+
+@pytest.mark.parametrize("words", [["ours", "der"], ["ours,der"], ["ours,", "der"], ["der", "ours"]])
+def test_methods_take_commas_or_spaces(words):
+    assert parse_args(["--methods", *words]).methods == ("ours", "der")
+
+
+def test_models_on_the_data_they_fit():
+    assert parse_args(["--model", "cnn"]).model == "cnn"  # the digits are 8x8 images
+    assert parse_args(["--model", "cnn_gn", "--dataset", "synthetic", "--synthetic-shape", "3,8,8"]).model == "cnn_gn"
+    assert parse_args(["--model", "resnet18_gn", "--dataset", "cifar10"]).model == "resnet18_gn"
 
 
 def test_missing_torchvision_data_is_a_clear_error(capsys, tmp_path):
@@ -140,6 +155,32 @@ def test_default_main_job_on_two_ranks_with_torchrun(tmp_path):
     assert acc["ours"] >= acc["incremental"] + 0.50
     assert acc["ours"] >= acc["stock_replay"] - 0.02
     assert acc["from_scratch"] >= acc["ours"] - 0.01
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("argv, needle", [
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),  # found while parsing
+    (["--mem-size", "1"], "--mem-size (1) must be at least the number of ranks (2)"),  # needs N
+])
+def test_argument_error_under_torchrun_printed_once_every_rank_exits_2(tmp_path, argv, needle):
+    """Every rank finds the bad argument; rank 0 alone prints it, before any process group
+    or Avalanche import; every rank exits 2 (none is killed by torchrun first), which
+    torchrun's own failure summary lists per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+           "-m", "avalanche_distributed_rehearsal", "--output-dir", str(tmp_path / "out"), *argv]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("avalanche_distributed_rehearsal: error:")]
+    assert len(ours) == 1 and needle in ours[0], proc.stderr[-3000:]
+    codes = [ln.split(":", 1)[1].split()[0] for ln in proc.stderr.splitlines()
+             if ln.strip().startswith("exitcode  :")]
+    assert codes == ["2", "2"], proc.stderr[-3000:]  # one summary entry per rank
+    # the one traceback is torchrun's own (its ChildFailedError); none comes from a rank
+    assert proc.stderr.count("Traceback (most recent call last)") == 1
+    assert "ChildFailedError" in proc.stderr and "avalanche_distributed_rehearsal/app" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _torchrun_main(tmp_path, name, *args):

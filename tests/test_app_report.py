@@ -8,7 +8,8 @@ import pytest
 
 from avalanche_distributed_rehearsal.app.evaluation import (accuracy_curve, average_accuracy,
                                                             average_forgetting)
-from avalanche_distributed_rehearsal.app.report import markdown_report, matrix_table, write_report
+from avalanche_distributed_rehearsal.app.report import (markdown_report, matrix_table, plot_title,
+                                                        write_report)
 
 R = [[1.0, 0.0, 0.0],
      [0.6, 0.9, 0.0],
@@ -49,3 +50,26 @@ def test_write_report_files(tmp_path):
         if p.endswith(".png"):
             assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(tmp_path / "results.json"))["methods"]["ours"]["accuracy_matrix"] == R
+
+
+def _png_size(path):
+    import struct
+
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_say_what_they_show_and_lay_six_matrices_out_in_a_grid(tmp_path):
+    res = _results()
+    res["config"].update(rank_split="skewed", skew=0.8, model="cnn")
+    title = plot_title(res)
+    for needle in ("digits", "N = 2", "M = 200", "seed 0", "skewed (skew 0.8)", "cnn"):
+        assert needle in title, needle
+    names = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours", "ours_local")
+    res["methods"] = {n: res["methods"]["ours"] for n in names}
+    write_report(res, str(tmp_path))
+    w, h = _png_size(tmp_path / "accuracy_matrix.png")
+    assert w < 2 * h and w >= 1200  # 3 x 2 panels of readable size, not a 6 x 1 strip
+    w, h = _png_size(tmp_path / "accuracy_curves.png")
+    assert w >= 1200  # full range and a zoom on the methods that end above 50 %

@@ -336,22 +336,23 @@ def run_e2e(tmp_path, nproc, *extra):
 
 @pytest.mark.timeout(300)
 def test_end_to_end_one_process(tmp_path):
-    (res,) = run_e2e(tmp_path, 1, "--epochs", "10")
-    assert res["accuracy"] > 0.5
+    (res,) = run_e2e(tmp_path, 1)  # the main job's settings: it reaches the main job's accuracy
+    assert res["accuracy"] > 0.85
     assert res["local_size"] == 200 and sum(res["global_counts"]) == 200
-    assert res["max_rows"] == 40
+    assert res["max_rows"] == 16 + 32
 
 
 @pytest.mark.timeout(400)
 def test_end_to_end_two_ranks_async_equals_sync(tmp_path):
-    results = run_e2e(tmp_path, 2, "--epochs", "10")
-    sync = run_e2e(tmp_path, 2, "--epochs", "10", "--sync")
+    results = run_e2e(tmp_path, 2)
+    sync = run_e2e(tmp_path, 2, "--sync")
     for res in results:
         assert res["world"] == 2 and res["ddp"] == "DistributedDataParallel"
         assert res["local_size"] == res["local_capacity"] == 100
         assert sum(res["global_counts"]) == 200 and set(res["global_counts"]) == {20}
-        assert res["max_rows"] == 40
-        assert res["accuracy"] > 0.45
+        assert res["max_rows"] == 16 + 32
+        assert res["accuracy"] > 0.8  # on the whole test set, the same on every rank
+    assert results[0]["accuracy"] == results[1]["accuracy"]
     assert results[0]["steps"] == results[1]["steps"]
     assert [r["accuracy"] for r in results] == [r["accuracy"] for r in sync]
 

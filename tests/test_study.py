@@ -104,6 +104,56 @@ def test_study_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+def test_study_list_options_take_spaces_or_commas():
+    from avalanche_distributed_rehearsal.app.study import parse_args
+
+    a = parse_args(["--world-sizes", "1", "2", "--methods", "ours", "ours_local", "--seeds", "0-2",
+                    "--models", "cnn,", "cnn_gn", "--scaling", "strong", "weak"])
+    b = parse_args(["--world-sizes", "1,2", "--methods", "ours,ours_local", "--seeds", "0,1,2",
+                    "--models", "cnn,cnn_gn", "--scaling", "strong,weak"])
+    assert a == b and a.world_sizes == (1, 2) and a.models == ("cnn", "cnn_gn")
+    assert a.scalings == ("strong", "weak") and a.seeds == (0, 1, 2)
+
+
+def test_study_grid_shares_runs_between_scalings():
+    """Points of both scalings that give the main job the same per-rank settings share a
+    run (defaults: strong b=32, r=64 over 2 ranks is weak b=16, r=32 per rank), and that
+    run carries the union of their methods; every other point has its own run."""
+    from avalanche_distributed_rehearsal.app.study import parse_args
+    from avalanche_distributed_rehearsal.app.study_grid import plan, points
+
+    cfg = parse_args(["--world-sizes", "1,2,4", "--rank-splits", "iid", "--seeds", "0",
+                      "--scaling", "strong,weak", "--models", "mlp,cnn",
+                      "--methods", "incremental,ours", "--mem-sizes", "50,100"])
+    pts = list(points(cfg))
+    assert len(pts) == 3 * 2 * 2 * 2  # worlds x models x scalings x M
+    runs = plan(cfg)
+    ids = [r.id for r in runs]
+    assert len(ids) == len(set(ids))
+    by_id = {r.id: r for r in runs}
+    for p in pts:  # every point is measured by a planned run that has its methods
+        spec = p.run(cfg)
+        assert set(p.methods) <= set(by_id[spec.id].methods)
+        assert spec.batch == (32 // p.world if p.scaling == "strong" else 16)
+        assert spec.replay == (64 // p.world if p.scaling == "strong" else 32)
+    shared = {p.run(cfg).id for p in pts if p.scaling == "strong" and p.world == 2}
+    assert shared == {p.run(cfg).id for p in pts if p.scaling == "weak" and p.world == 2}
+    assert len(runs) == len({p.run(cfg).id for p in pts}) == 3 * 2 * 2 * 2 - 2 * 2
+    # incremental joins the first M of each scaling only: M=50 at N=2 for both, one run
+    assert by_id["N2-iid-mlp-M50-b16-r32-uniform-seed0"].methods == ("incremental", "ours")
+    assert by_id["N2-iid-mlp-M100-b16-r32-uniform-seed0"].methods == ("ours",)
+
+
+def test_importing_the_report_does_not_import_the_runner():
+    code = ("import sys, avalanche_distributed_rehearsal.app.study_report as r; "
+            "print('avalanche_distributed_rehearsal.app.study' in sys.modules, "
+            "'avalanche' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
 # ---------------------------------------------------------------------------- tiny grid
 TINY = ["--world-sizes", "1,2", "--seeds", "0", "--epochs", "1", "--mem-sizes", "50",
         "--methods", "stock_replay_equal,ours,ours_local", "--skew", "1"]
@@ -130,18 +180,19 @@ def test_study_tiny_grid_schema_plots_and_resume(tmp_path):
     out = tmp_path / "study"
     proc = _study(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = ["N1-iid-M50-r64-uniform-seed0", "N2-iid-M50-r64-uniform-seed0",
-           "N2-skewed-M50-r64-uniform-seed0"]
+    ids = ["N1-iid-mlp-M50-b32-r64-uniform-seed0", "N2-iid-mlp-M50-b16-r32-uniform-seed0",
+           "N2-skewed-mlp-M50-b16-r32-uniform-seed0"]
     assert "3 runs (0 already done, 3 to run)" in proc.stdout
     assert [ln for ln in proc.stdout.splitlines() if ln.startswith("[")][-1].startswith("[3/3]")
     assert "ETA" in proc.stdout
     doc = json.loads((out / "study.json").read_text())
 
     # schema
-    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["schema"] == 2 and doc["complete"] is True
     assert {"config", "machine", "note", "invocations", "runs", "cells", "comparisons"} <= set(doc)
     assert doc["machine"]["cpu_count"] == os.cpu_count() and doc["machine"]["threads_per_rank"] == 1
-    assert doc["config"]["scaling"] == "strong" and doc["config"]["world_sizes"] == [1, 2]
+    assert doc["config"]["scalings"] == ["strong"] and doc["config"]["world_sizes"] == [1, 2]
+    assert doc["config"]["models"] == ["mlp"] and doc["config"]["batch_sizes"] == {"strong": 32}
     inv = doc["invocations"]
     assert len(inv) == 1 and inv[0]["status"] == "complete" and sorted(inv[0]["executed"]) == ids
     assert len(inv[0]["load_average_start"]) == 3
@@ -156,6 +207,8 @@ def test_study_tiny_grid_schema_plots_and_resume(tmp_path):
         s = c["summary"]["final_average_accuracy"]
         assert s["n"] == 1 and s["mean"] == e["final_average_accuracy"] and s["std"] == 0
         assert c["seeds"] == [0] and c["mem_size"] == 50 and c["replay_mb"] == 64
+        assert c["scaling"] == "strong" and c["model"] == "mlp"
+        assert c["replay_per_rank"] == 64 // c["world_size"] and c["batch_per_rank"] == 32 // c["world_size"]
     assert {c["sampling"] for c in doc["cells"] if c["method"] == "ours"} == {"uniform"}
     assert {c["sampling"] for c in doc["cells"] if c["method"] == "ours_local"} == {"local"}
     comps = doc["comparisons"]
@@ -235,6 +288,63 @@ def test_study_tiny_grid_schema_plots_and_resume(tmp_path):
     for name in before["methods"]:
         assert after["methods"][name]["accuracy_matrix"] == before["methods"][name]["accuracy_matrix"]
     assert doc["complete"] is True and len(doc["cells"]) == 9
+
+
+def _png_size(path):
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+    return struct.unpack(">II", data[16:24])  # IHDR: width, height
+
+
+@pytest.mark.timeout(300)
+def test_study_models_and_both_scalings_in_one_grid(tmp_path):
+    """`--models cnn,cnn_gn --scaling strong,weak`: BatchNorm and GroupNorm nets through the
+    main job on 1 and 2 ranks, the model and scaling axes in study.json, study.md and the
+    plots (weak scaling as its own panel of the train-time and traffic plots)."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "avalanche_distributed_rehearsal.study", "--output-dir", str(out),
+           "--world-sizes", "1,2", "--seeds", "0", "--epochs", "1", "--mem-sizes", "50",
+           "--methods", "ours,ours_local", "--rank-splits", "iid", "--models", "cnn,cnn_gn",
+           "--scaling", "strong,weak"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 runs (0 already done, 6 to run)" in proc.stdout  # N=2 shared by both scalings
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["complete"] and doc["config"]["scalings"] == ["strong", "weak"]
+    assert doc["config"]["batch_sizes"] == {"strong": 32, "weak": 16}
+    assert doc["config"]["replay_sizes"] == {"strong": [64], "weak": [32]}
+    assert len(doc["cells"]) == 2 * 2 * 2 * 2  # methods x models x scalings x N
+    cells = {(c["method"], c["model"], c["scaling"], c["world_size"]): c for c in doc["cells"]}
+    for model in ("cnn", "cnn_gn"):
+        run = json.loads((out / "runs" / f"N1-iid-{model}-M50-b32-r64-uniform-seed0" / "run.json"
+                          ).read_text())["results"]
+        assert run["config"]["model"] == model
+        for method in ("ours", "ours_local"):
+            strong1, weak1 = cells[method, model, "strong", 1], cells[method, model, "weak", 1]
+            assert (strong1["batch_per_rank"], weak1["batch_per_rank"]) == (32, 16)
+            assert strong1["per_seed"]["0"]["run"] != weak1["per_seed"]["0"]["run"]
+            strong2, weak2 = cells[method, model, "strong", 2], cells[method, model, "weak", 2]
+            assert strong2["per_seed"]["0"] == weak2["per_seed"]["0"]  # one shared run
+            assert strong2["replay_mb"] == 64 and weak2["replay_mb"] == 32
+            assert weak2["replay_per_rank"] == strong2["replay_per_rank"] == 32
+            assert strong1["per_seed"]["0"]["accuracy_matrix"][0][0] > 0.5  # it learns
+    comps = doc["comparisons"]["global_minus_local"]
+    assert sorted((c["model"], c["scaling"], c["world_size"]) for c in comps) == sorted(
+        (m, s, w) for m in ("cnn", "cnn_gn") for s in ("strong", "weak") for w in (1, 2))
+    md = (out / "study.md").read_text()
+    for needle in ("Strong scaling: b = 32", "Weak scaling: b = 16", "cnn (BatchNorm)",
+                   "cnn_gn (GroupNorm)", "no SyncBatchNorm", "| strong | cnn_gn | iid | 2 |",
+                   "share one run"):
+        assert needle in md, needle
+    # panels: a row per (scaling, model), a column per split; traffic: memory + a scaling each
+    w, h = _png_size(out / "train_time_vs_world.png")
+    assert h > 2.5 * w  # 4 rows x 1 column
+    w, h = _png_size(out / "memory_traffic_vs_world.png")
+    assert w > 3 * h  # memory, strong traffic, weak traffic
+    _png_size(out / "accuracy_vs_world.png")
+    _png_size(out / "accuracy_vs_memory.png")
 
 
 @pytest.mark.timeout(240)

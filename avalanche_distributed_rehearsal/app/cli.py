@@ -7,14 +7,18 @@ argument, e.g. ``avalanche_distributed_rehearsal: error: --epochs must be an int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import math
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 PROG = "avalanche_distributed_rehearsal"
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
-MODELS = ("mlp", "resnet18")
+#: every ``--model``; ``_gn``: the same network with GroupNorm instead of BatchNorm
+MODELS = ("mlp", "cnn", "cnn_gn", "resnet18", "resnet18_gn")
 METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
            "ours_local", "stock_der", "der", "stock_er_ace", "er_ace")
 #: What the main job runs by default (``--methods default``); ``all`` adds the DER and
@@ -81,13 +85,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_or_status(parse: Callable[[Optional[List[str]]], T], argv: Optional[List[str]],
-                    prog: str) -> Tuple[Optional[T], int]:
+                    prog: str, quiet: bool = False) -> Tuple[Optional[T], int]:
     """``(parse(argv), 0)``; ``(None, 2)`` after printing a one-line usage error to stderr;
-    ``(None, 0)`` after ``--help``."""
+    ``(None, 0)`` after ``--help``. ``quiet``: print nothing (the ranks but rank 0 under
+    torchrun, which all parse the same arguments)."""
+    out = io.StringIO() if quiet else None
     try:
-        return parse(argv), 0
+        with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
+            return parse(argv), 0
     except UsageError as e:
-        print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
+        if not quiet:
+            print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
         return None, 2
     except SystemExit as e:  # --help
         return None, int(e.code or 0)
@@ -111,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-split", default=d.rank_split, help="how each experience is shared among ranks: iid (default: Avalanche's distributed sampler) or skewed (each rank gets mostly its home classes, see --skew)")
     g.add_argument("--skew", type=str, default=str(d.skew), help="skewed: strength in [0, 1] (0: even split of every class, 1: each class only on its home ranks; default 0.8; seeded by --seed)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", default=d.model, help="mlp (default) or resnet18 (image data only)")
+    g.add_argument("--model", default=d.model, help="mlp (default); cnn: a small convolutional net with BatchNorm (digits or image data); resnet18: torchvision's ResNet-18 with BatchNorm (image data C,H,W only); cnn_gn, resnet18_gn: the same with GroupNorm instead of BatchNorm. Under torchrun each rank's BatchNorm uses its own batch statistics (no SyncBatchNorm)")
     g.add_argument("--hidden", type=str, default=str(d.hidden), help="mlp hidden width (default 128)")
     g.add_argument("--epochs", type=str, default=str(d.epochs), help="epochs per experience (default 10)")
     g.add_argument("--batch-size", type=str, default=str(d.batch_size), help="b: mini-batch size per rank (default 16)")
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=str, default=None, help="torch threads per rank (default: cores / local ranks)")
     g.add_argument("--backend", default=d.backend, help="torch.distributed backend of the run's process group under torchrun: auto (default: cpu:gloo,cuda:nccl with GPUs, gloo without), gloo, nccl, or device:backend pairs such as cuda:gloo (which, on CPU, refuses CPU tensors as NCCL does)")
     g = p.add_argument_group("methods and buffer")
-    g.add_argument("--methods", default="default", help=f"comma-separated subset of {','.join(METHODS)}; 'default' = {','.join(DEFAULT_METHODS)}; 'all' = every method (default: default)")
+    g.add_argument("--methods", nargs="+", default=["default"], help=f"subset of {','.join(METHODS)}, comma- or space-separated; 'default' = {','.join(DEFAULT_METHODS)}; 'all' = every method (default: default)")
     g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: buffer budget: global for ours, ours_local, der, er_ace and stock_replay_equal (M / N per rank), per rank for stock_replay, stock_der and stock_er_ace (default 200)")
     g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for every replay method (default: twice --batch-size)")
     g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
@@ -195,6 +203,12 @@ def _backend(text: str) -> str:
     return text
 
 
+def joined(values) -> str:
+    """The words of a list option (``nargs="+"``) as one comma-separated string:
+    ``["ours", "der"]`` and ``["ours,der"]`` both give ``"ours,der"``."""
+    return ",".join(values) if isinstance(values, (list, tuple)) else str(values)
+
+
 def _methods(text: str) -> Tuple[str, ...]:
     if text.strip() == "all":
         return METHODS
@@ -225,7 +239,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         skew=_fraction("--skew", a.skew),
         model=_choice("--model", a.model, MODELS),
         hidden=_int("--hidden", a.hidden, 1),
-        methods=_methods(a.methods),
+        methods=_methods(joined(a.methods)),
         mem_size=_int("--mem-size", a.mem_size, 1),
         batch_size=_int("--batch-size", a.batch_size, 1),
         replay_batch_size=None if a.replay_batch_size is None else _int("--replay-batch-size", a.replay_batch_size, 0),
@@ -247,10 +261,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
     )
     if cfg.momentum >= 1:
         raise UsageError(f"--momentum must be smaller than 1, got {cfg.momentum}")
-    if cfg.model == "resnet18" and (cfg.dataset == "digits" or
-                                    (cfg.dataset == "synthetic" and len(cfg.synthetic_shape) != 3)):
-        raise UsageError("--model resnet18 needs image data (C,H,W): use --dataset mnist, "
-                         "fashion-mnist, cifar10, cifar100 or synthetic with a C,H,W --synthetic-shape")
+    _check_model(cfg)
     if cfg.store_dtype == "uint8" and cfg.dataset not in INTEGER_PIXEL_DATASETS:
         raise UsageError(f"--store-dtype uint8 needs a data set of integer pixels "
                          f"({', '.join(INTEGER_PIXEL_DATASETS)}); {cfg.dataset} samples are floats")
@@ -261,6 +272,29 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
         raise UsageError(f"--synthetic-size ({cfg.synthetic_size}) must be at least "
                          f"--synthetic-classes ({cfg.synthetic_classes})")
     return cfg
+
+
+def _check_model(cfg: Config) -> None:
+    """Convolutional models need image-shaped samples (the digits are 8x8 images, flat)."""
+    synthetic = cfg.synthetic_shape if cfg.dataset == "synthetic" else None
+    if cfg.model.startswith("resnet18") and (cfg.dataset == "digits" or
+                                             (synthetic is not None and len(synthetic) != 3)):
+        raise UsageError(f"--model {cfg.model} needs image data (C,H,W): use --dataset mnist, "
+                         "fashion-mnist, cifar10, cifar100 or synthetic with a C,H,W "
+                         "--synthetic-shape (--model cnn runs on the 8x8 digits)")
+    if cfg.model.startswith("cnn") and synthetic is not None and len(synthetic) != 3 and not (
+            len(synthetic) == 1 and math.isqrt(synthetic[0]) ** 2 == synthetic[0]):
+        raise UsageError(f"--model {cfg.model} needs image data: a C,H,W --synthetic-shape or "
+                         f"a flat square one (e.g. 64), got {','.join(map(str, synthetic))}")
+
+
+#: classes of every dataset but synthetic (whose --synthetic-classes says)
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def n_classes_of(cfg: Config) -> int:
+    """The number of classes ``cfg.dataset`` has, known without loading it."""
+    return DATASET_CLASSES.get(cfg.dataset, cfg.synthetic_classes)
 
 
 def check_against_world(cfg: Config, n_classes: int, world: int) -> None:

@@ -1,16 +1,19 @@
 """The trade-off study: ``python -m avalanche_distributed_rehearsal.study``.
 
-A grid of runs of the main job (:func:`.experiment.run`, unchanged) over world sizes,
-budgets M, replay sizes r, global sampling modes, rank splits (iid, skewed) and seeds,
-each run comparing the methods of the main job.
+The runner: it parses the arguments, launches the ranks and runs the grid's runs of the
+main job (:func:`.experiment.run`, unchanged), then hands the finished runs to
+:mod:`.study_report`. The grid itself (settings, points, runs, their records) lives in
+:mod:`.study_grid`, below both.
 
-Scaling (``--scaling``): ``strong`` (default) keeps the global mini-batch fixed, ``b``
-new samples and ``r`` representatives per step over all ranks (``b / N`` and ``r / N``
-per rank), so every world size makes the same number of SGD steps on batches of the
-same size and composition, and what changes with N is only where data and buffer live;
-``weak`` keeps ``b`` and ``r`` per rank (the main job's own semantics), so N ranks take
-N times larger global steps and N times fewer of them. The study launches the ranks itself:
-one group of spawned processes per world size (:func:`.launch.spawn`: gloo on CPU,
+The grid: world sizes, models, budgets M, replay sizes r, global sampling modes, rank
+splits (iid, skewed), seeds and scaling modes, each run comparing the methods of the main
+job. Scaling (``--scaling``, one or both): ``strong`` keeps the global mini-batch fixed,
+``b`` new samples and ``r`` representatives per step over all ranks (``b / N`` and
+``r / N`` per rank), so every world size makes the same number of SGD steps on batches of
+the same size and composition, and what changes with N is only where data and buffer
+live; ``weak`` keeps ``b`` and ``r`` per rank (the main job's own semantics), so N ranks
+take N times larger global steps and N times fewer of them. The study launches the ranks
+itself: one group of spawned processes per world size (:func:`.launch.spawn`: gloo on CPU,
 ``cpu:gloo,cuda:nccl`` with a GPU per rank), which runs that world size's runs one after
 the other, every rank with one intra-op thread by default.
 
@@ -36,92 +39,18 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .cli import (METHODS, RANK_SPLITS, SAMPLING, SPLIT_BUDGET_METHODS, UsageError, _choice,
-                  _float, _fraction, _int, parse_or_status)
+from .cli import (METHODS, MODELS, RANK_SPLITS, SAMPLING, SPLIT_BUDGET_METHODS, UsageError,
+                  _choice, _float, _fraction, _int, joined, parse_or_status)
+from .study_grid import (DEFAULT_BATCH, DEFAULT_REPLAY, N_CLASSES, QUICK, SCALINGS,
+                         STUDY_METHODS, RunSpec, StudyConfig, load_average, load_run, plan,
+                         run_dir, settings, write_json_atomic)
 
 PROG = "avalanche_distributed_rehearsal.study"
-SCALINGS = ("strong", "weak")
-
-#: what the study compares by default (``--methods all``: every method of the main job)
-STUDY_METHODS = ("incremental", "from_scratch", "stock_replay", "stock_replay_equal", "ours",
-                 "ours_local")
-
-#: methods whose results do not depend on M, r or the sampling mode: run once per
-#: (world, split, seed); methods that do not depend on the sampling mode: once per (M, r)
-NO_BUFFER = ("incremental", "from_scratch")
-NO_SAMPLING = ("stock_replay", "stock_replay_equal", "ours_local")
-
-N_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
-
-
-@dataclasses.dataclass
-class StudyConfig:
-    """The grid and the fixed settings of every run (see ``--help``)."""
-
-    world_sizes: Tuple[int, ...] = (1, 2, 4, 8)
-    mem_sizes: Tuple[int, ...] = (200,)
-    replay_sizes: Optional[Tuple[int, ...]] = None  # default: (64,) strong, (32,) weak
-    samplings: Tuple[str, ...] = ("uniform",)
-    rank_splits: Tuple[str, ...] = ("iid", "skewed")
-    skew: float = 0.8
-    methods: Tuple[str, ...] = STUDY_METHODS
-    seeds: Tuple[int, ...] = (0, 1, 2)
-    dataset: str = "digits"
-    data_root: str = "data"
-    epochs: int = 10
-    batch_size: Optional[int] = None  # default: 32 strong (global), 16 weak (per rank)
-    scaling: str = "strong"
-    n_experiences: int = 5
-    threads: int = 1
-    run_timeout: float = 1800.0
-    output_dir: str = "study-results"
-    plots: bool = True
-    quick: bool = False
-
-
-#: ``--quick``: what it changes from the defaults (under 10 minutes on 2 CPU cores)
-QUICK = dict(seeds=(0, 1), epochs=3)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """One run of the main job: a world size, a rank split, a seed, one (M, r, sampling)
-    and the methods that this combination adds to the grid."""
-
-    world: int
-    split: str
-    mem_size: int
-    replay: int
-    sampling: str
-    seed: int
-    methods: Tuple[str, ...]
-
-    @property
-    def id(self) -> str:
-        return (f"N{self.world}-{self.split}-M{self.mem_size}-r{self.replay}-{self.sampling}"
-                f"-seed{self.seed}")
-
-    def per_rank(self, value: int, cfg: StudyConfig) -> int:
-        """A per-step quantity of the grid (b, r) as one rank's share under ``cfg.scaling``."""
-        return value // self.world if cfg.scaling == "strong" else value
-
-    def argv(self, cfg: StudyConfig, out: str) -> List[str]:
-        """The main job's command line for this run, writing into ``out``."""
-        return ["--dataset", cfg.dataset, "--data-root", cfg.data_root,
-                "--n-experiences", str(cfg.n_experiences), "--epochs", str(cfg.epochs),
-                "--batch-size", str(self.per_rank(cfg.batch_size, cfg)),
-                "--mem-size", str(self.mem_size),
-                "--replay-batch-size", str(self.per_rank(self.replay, cfg)),
-                "--sampling", self.sampling,
-                "--rank-split", self.split, "--skew", str(cfg.skew), "--seed", str(self.seed),
-                "--methods", ",".join(self.methods), "--threads", str(cfg.threads),
-                "--output-dir", out, "--no-progress", "--no-plots"]
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -133,24 +62,26 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     d = StudyConfig()
     p = _Parser(prog=PROG, description=(
-        "The trade-off study: runs the main job over a grid of world sizes, budgets, replay "
-        "sizes, sampling modes, rank splits and seeds (it launches the ranks itself), and "
-        "writes study.json, study.md and plots. Re-run the same command to continue an "
-        "interrupted study."))
+        "The trade-off study: runs the main job over a grid of world sizes, models, budgets, "
+        "replay sizes, sampling modes, rank splits, seeds and scaling modes (it launches the "
+        "ranks itself), and writes study.json, study.md and plots. Re-run the same command "
+        "to continue an interrupted study. List options take commas or spaces (1,2,4 or 1 2 4)."))
+    lst = dict(default=None, nargs="+")
     p.add_argument("--quick", action="store_true", help="a small preset (seeds 0,1; 3 epochs per experience; the rest as by default): under 10 minutes on 2 CPU cores; explicit options override it")
-    p.add_argument("--world-sizes", default=None, help="comma-separated numbers of ranks (default 1,2,4,8)")
-    p.add_argument("--mem-sizes", default=None, help="comma-separated budgets M (default 200)")
-    p.add_argument("--scaling", default=None, help="strong (default): --batch-size and --replay-sizes are global per step, divided over the ranks; weak: they are per rank, as in the main job")
-    p.add_argument("--replay-sizes", default=None, help="comma-separated r, representatives per step (default 64 strong, 32 weak)")
-    p.add_argument("--sampling", default=None, help=f"comma-separated global sampling modes of ours, among {', '.join(SAMPLING)} (default uniform, so that ours and ours_local differ only in where samples come from)")
-    p.add_argument("--rank-splits", default=None, help=f"comma-separated among {', '.join(RANK_SPLITS)} (default both)")
+    p.add_argument("--world-sizes", **lst, help="numbers of ranks (default 1,2,4,8)")
+    p.add_argument("--models", **lst, help=f"the main job's --model, among {', '.join(MODELS)} (default mlp); e.g. cnn,cnn_gn: BatchNorm against GroupNorm")
+    p.add_argument("--mem-sizes", **lst, help="budgets M (default 200)")
+    p.add_argument("--scaling", **lst, help="strong (default): --batch-size and --replay-sizes are global per step, divided over the ranks; weak: they are per rank, as in the main job; strong,weak: both, in one grid (runs that ask the main job for the same per-rank settings are shared)")
+    p.add_argument("--replay-sizes", **lst, help=f"r, representatives per step (default {DEFAULT_REPLAY['strong'][0]} strong, {DEFAULT_REPLAY['weak'][0]} weak)")
+    p.add_argument("--sampling", **lst, help=f"global sampling modes of ours, among {', '.join(SAMPLING)} (default uniform, so that ours and ours_local differ only in where samples come from)")
+    p.add_argument("--rank-splits", **lst, help=f"among {', '.join(RANK_SPLITS)} (default both)")
     p.add_argument("--skew", default=None, help=f"skewed split strength in [0, 1] (default {d.skew})")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}, or all (default {','.join(STUDY_METHODS)})")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds, or a range like 0-4 (default 0,1,2)")
+    p.add_argument("--methods", **lst, help=f"subset of {','.join(METHODS)}, or all (default {','.join(STUDY_METHODS)})")
+    p.add_argument("--seeds", **lst, help="seeds, or a range like 0-4 (default 0,1,2)")
     p.add_argument("--dataset", default=None, help="the main job's --dataset (default digits)")
     p.add_argument("--data-root", default=None, help="the main job's --data-root")
     p.add_argument("--epochs", default=None, help=f"epochs per experience (default {d.epochs})")
-    p.add_argument("--batch-size", default=None, help="b, new samples per step (default 32 strong, 16 weak)")
+    p.add_argument("--batch-size", default=None, help=f"b, new samples per step (default {DEFAULT_BATCH['strong']} strong, {DEFAULT_BATCH['weak']} weak)")
     p.add_argument("--n-experiences", default=None, help=f"experiences (default {d.n_experiences})")
     p.add_argument("--threads", default=None, help=f"torch threads per rank (default {d.threads})")
     p.add_argument("--run-timeout", default=None, help=f"seconds one run may take before the study gives up (default {d.run_timeout:.0f})")
@@ -159,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ints(name: str, text: str, minimum: int) -> Tuple[int, ...]:
+def _ints(name: str, text, minimum: int) -> Tuple[int, ...]:
+    text = joined(text)
     values: List[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -178,7 +110,8 @@ def _ints(name: str, text: str, minimum: int) -> Tuple[int, ...]:
     return tuple(values)
 
 
-def _names(name: str, text: str, choices: Sequence[str], allow_all: bool = False) -> Tuple[str, ...]:
+def _names(name: str, text, choices: Sequence[str], allow_all: bool = False) -> Tuple[str, ...]:
+    text = joined(text)
     if allow_all and text.strip() == "all":
         return tuple(choices)
     names = [s.strip() for s in text.split(",") if s.strip()]
@@ -194,18 +127,19 @@ def _names(name: str, text: str, choices: Sequence[str], allow_all: bool = False
 def parse_args(argv: Optional[List[str]] = None) -> StudyConfig:
     """Parse and validate ``argv``; raise :class:`UsageError` (one line) on a bad one."""
     a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = StudyConfig(**(QUICK if a.quick else {}), quick=a.quick)
+    scalings = ("strong",) if a.scaling is None else _names("--scaling", a.scaling, SCALINGS)
+    replay = None if a.replay_sizes is None else _ints("--replay-sizes", a.replay_sizes, 0)
+    batch = None if a.batch_size is None else _int("--batch-size", a.batch_size, 1)
+    cfg = StudyConfig(**(QUICK if a.quick else {}), quick=a.quick, scalings=scalings,
+                      batch_sizes={s: DEFAULT_BATCH[s] if batch is None else batch for s in scalings},
+                      replay_sizes={s: DEFAULT_REPLAY[s] if replay is None else replay
+                                    for s in scalings})
     if a.world_sizes is not None:
         cfg.world_sizes = tuple(sorted(_ints("--world-sizes", a.world_sizes, 1)))
+    if a.models is not None:
+        cfg.models = _names("--models", a.models, MODELS)
     if a.mem_sizes is not None:
         cfg.mem_sizes = _ints("--mem-sizes", a.mem_sizes, 1)
-    if a.scaling is not None:
-        cfg.scaling = _choice("--scaling", a.scaling, SCALINGS)
-    strong = cfg.scaling == "strong"
-    cfg.replay_sizes = (((64,) if strong else (32,)) if a.replay_sizes is None
-                        else _ints("--replay-sizes", a.replay_sizes, 0))
-    cfg.batch_size = ((32 if strong else 16) if a.batch_size is None
-                      else _int("--batch-size", a.batch_size, 1))
     if a.sampling is not None:
         cfg.samplings = _names("--sampling", a.sampling, SAMPLING)
     if a.rank_splits is not None:
@@ -238,16 +172,17 @@ def _check(cfg: StudyConfig) -> None:
     """Every run's main-job arguments must be valid: checked here, before any rank starts."""
     from .cli import check_against_world, parse_args as main_args
 
-    if cfg.scaling == "strong":
-        for name, values in (("--batch-size", (cfg.batch_size,)), ("--replay-sizes", cfg.replay_sizes)):
+    if "strong" in cfg.scalings:
+        for name, values in (("--batch-size", (cfg.batch_sizes["strong"],)),
+                             ("--replay-sizes", cfg.replay_sizes["strong"])):
             for v in values:
                 bad = [w for w in cfg.world_sizes if v % w]
                 if bad:
                     raise UsageError(f"{name} {v} must be divisible by every world size under "
                                      f"--scaling strong (not by {','.join(map(str, bad))})")
-        if cfg.batch_size < max(cfg.world_sizes):
-            raise UsageError(f"--batch-size {cfg.batch_size} must be at least the largest world "
-                             f"size ({max(cfg.world_sizes)}) under --scaling strong")
+        if cfg.batch_sizes["strong"] < max(cfg.world_sizes):
+            raise UsageError(f"--batch-size {cfg.batch_sizes['strong']} must be at least the "
+                             f"largest world size ({max(cfg.world_sizes)}) under --scaling strong")
     split_methods = [m for m in cfg.methods if m in SPLIT_BUDGET_METHODS]
     if split_methods and min(cfg.mem_sizes) < max(cfg.world_sizes):
         raise UsageError(f"--mem-sizes ({min(cfg.mem_sizes)}) must be at least the largest "
@@ -256,83 +191,6 @@ def _check(cfg: StudyConfig) -> None:
         main_cfg = main_args(spec.argv(cfg, "x"))  # raises UsageError naming the option
         classes = N_CLASSES.get(main_cfg.dataset, main_cfg.synthetic_classes)
         check_against_world(main_cfg, classes, spec.world)
-
-
-# ---------------------------------------------------------------------------- the grid
-def plan(cfg: StudyConfig) -> List[RunSpec]:
-    """Every run of the grid, by world size, then split, seed, M, r and sampling mode.
-
-    Methods that ignore M, r and sampling (incremental, from scratch) join the first
-    (M, r, sampling) combination only; methods that ignore the sampling mode (the stock
-    plugin, ours_local) the first sampling mode only. With one rank there is nothing to
-    split: the skewed split runs from two ranks on (the study reports one-rank runs of
-    the iid split for both).
-    """
-    runs = []
-    for world in cfg.world_sizes:
-        for split in cfg.rank_splits:
-            if split != "iid" and world == 1:
-                continue
-            for seed in cfg.seeds:
-                for i, mem in enumerate(cfg.mem_sizes):
-                    for j, r in enumerate(cfg.replay_sizes):
-                        for k, sampling in enumerate(cfg.samplings):
-                            methods = tuple(
-                                m for m in cfg.methods
-                                if (m not in NO_BUFFER or i == j == k == 0)
-                                and (m not in NO_SAMPLING or k == 0))
-                            if methods:
-                                runs.append(RunSpec(world, split, mem, r, sampling, seed, methods))
-    return runs
-
-
-def _settings(argv: List[str]) -> List[str]:
-    """``argv`` without ``--output-dir``: what must match for a finished run to count."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--output-dir":
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
-def run_dir(root: str, spec: RunSpec) -> str:
-    return os.path.join(root, "runs", spec.id)
-
-
-def load_run(root: str, spec: RunSpec, cfg: StudyConfig) -> Optional[dict]:
-    """The finished run's record, or None if it is missing, unreadable, incomplete or
-    was run with other settings."""
-    path = os.path.join(run_dir(root, spec), "run.json")
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if record.get("settings") != _settings(spec.argv(cfg, "x")):
-        return None
-    if set(record.get("results", {}).get("methods", {})) != set(spec.methods):
-        return None
-    return record
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the
-    old file or the new one, never a part."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------- the ranks
@@ -359,18 +217,11 @@ def _rank_main(rank: int, world: int, todo: List[Tuple[str, List[str], dict]], r
         results = run(cfg)
         if rank == 0:
             write_json_atomic(os.path.join(cfg.output_dir, "run.json"), {
-                "id": run_id, "spec": spec, "settings": _settings(argv), "argv": argv,
+                "id": run_id, "spec": spec, "settings": settings(argv), "argv": argv,
                 "seconds": time.perf_counter() - start,
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                "load_average": _load(), "results": results})
+                "load_average": load_average(), "results": results})
     return len(todo)
-
-
-def _load() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def _fmt_seconds(s: float) -> str:
@@ -468,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cores = os.cpu_count() or 1
     invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
                   "argv": list(sys.argv[1:] if argv is None else argv),
-                  "load_average_start": _load(), "skipped": sorted(finished), "executed": [],
+                  "load_average_start": load_average(), "skipped": sorted(finished), "executed": [],
                   "status": "running"}
     print(f"{PROG}: {len(runs)} runs ({len(finished)} already done, {len(todo)} to run) in "
           f"{root}; {cores} CPU cores, {cfg.threads} thread(s) per rank, load "
@@ -503,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         status = 130
     invocation["executed"] = sorted({s.id for s in todo} - {s.id for s in progress.pending})
-    invocation["load_average_end"] = _load()
+    invocation["load_average_end"] = load_average()
     invocation["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     invocation["status"] = {0: "complete", 1: "failed", 130: "interrupted"}[status]
     paths = write_study(cfg, runs, root, invocation)
@@ -517,11 +368,3 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"in {root}", flush=True)
     return status
 
-
-def _environment() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
