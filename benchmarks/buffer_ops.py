@@ -45,10 +45,19 @@ def filled_buffer(world: int, rank: int, per_rank: int, shape, dtype, cfg: dict)
                                  seed=0, device=cfg["device"])
     pool = make_batches(4, cfg["c"], shape, dtype, cfg["classes"], 1000 + rank, cfg["device"])
     i = 0
-    while len(buf) < buf.local_capacity:
+    # insert() is collective: every rank loops until every shard is full (the replicated
+    # ledger tells each rank the same)
+    while int(buf.ledger.load.min()) < min(buf.ledger.capacities):
         buf.insert(*pool[i % len(pool)])
         i += 1
     return buf, pool
+
+
+def sample_pool(shape_name: str, dtype_name: str, cfg: dict, rank: int) -> List:
+    """Batches of ``cfg.get("b", cfg["c"])`` samples of the case's shape and dtype, per rank."""
+    shape = tuple(int(s) for s in shape_name.split("x"))
+    return make_batches(4, cfg.get("b", cfg["c"]), shape, DTYPES[dtype_name], cfg["classes"],
+                        1000 + rank, cfg.get("device", "cpu"))
 
 
 def full_buffers(world: int, rank: int, cfg: dict):

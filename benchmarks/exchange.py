@@ -1,85 +1,105 @@
-"""The exchange step against its transport limit: a bare ``all_to_all_single`` of the same bytes.
+"""A whole step of the buffer against the transport limit: a bare ``all_to_all_single`` of
+the same records.
 
-For each case and world size > 1, on full shards, alternately (interleaved, after a
-barrier each):
+For each case and world size > 1, on full shards (the steady state: every class at its
+quota), alternately (interleaved, after a barrier each), on every rank:
 
-* ``ours``: ``ShardedRehearsalBuffer.draw(r, step)``: all-gather of the class counts,
-  the plan, the gather of the rows served, the all-to-all, the reorder;
-* ``bare``: ``torch.distributed.all_to_all_single`` on the buffer's own process group,
-  with exactly the split sizes (in bytes) that ``draw`` used at the same step, between
-  preallocated uint8 tensors: the least any exchange of these bytes can cost;
-* ``bare_fresh``: the same, into a newly allocated receive tensor: the least an exchange
-  that hands *new* memory to its caller (as ``draw`` does) can cost. On CPU the gap to
-  ``bare`` is the first touch of fresh pages (large tensors are ``mmap``-ed anew).
+* ``step``: one step of ``RehearsalPipeline.augment`` in synchronous mode: the candidates'
+  checks, the plan, the gather of the records served, the one collective (every rank's
+  metadata and the records), the agreement, the insertion, the representatives in draw
+  order, the batch concatenated;
+* ``exchange``: the collective alone, inside that step (the buffer's phase clock);
+* ``bare``: ``torch.distributed.all_to_all_single`` on the buffer's own payload group
+  with exactly the records' split sizes (in bytes) of the step just timed, without the
+  metadata, between preallocated uint8 tensors: the least any exchange of these records
+  can cost.
 
-The plan of a step is recomputed here with the buffer's own seeding, and the bytes are
-checked against ``buffer.last_exchange``.
+Per repeat the slowest rank's time counts (a collective is as slow as its slowest rank).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List
 
 import torch
 
-from .buffer_ops import barrier_for, full_buffers
-from .timing import max_over_ranks, summarize, time_interleaved
+from .buffer_ops import barrier_for, sample_pool
+from .timing import max_over_ranks, summarize
 
-def plan_of(buf, counts: torch.Tensor, r: int, step: int):
-    """The plan ``buf.draw(r, step)`` follows when the shards hold ``counts``."""
-    from avalanche_distributed_rehearsal.core import plan_draws
-    from avalanche_distributed_rehearsal.core.seeding import PLAN, generator
 
-    return plan_draws(counts, r, buf.sampling, generator(buf.seed, step, PLAN))
+class SplitRecorder:
+    """Forwards every call to the buffer's exchange; remembers the last all-to-all's splits."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.last = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def all_to_all(self, send, send_splits, recv_splits, out=None):
+        self.last = (list(send_splits), list(recv_splits))
+        return self._inner.all_to_all(send, send_splits, recv_splits, out=out)
 
 
 def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
     import torch.distributed as dist
 
+    from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
+    from avalanche_distributed_rehearsal.core.metadata import HEADER
+    from avalanche_distributed_rehearsal.core.phases import PhaseClock
+
     if world == 1:
         return []
     rows = []
-    for shape_name, dtype_name, buf, _ in full_buffers(world, rank, cfg):
-        counts = buf.ledger.eligible_matrix()
-        row_bytes = buf.storage.layout.row_bytes
-        group = buf.exchange.payload_group
+    for shape_name, dtype_name in cfg["cases"]:
         for r in cfg["r_values"]:
-            n = cfg["warmup"] + cfg["repeats"]
-            plans = [plan_of(buf, counts, r, s) for s in range(n)]
-            splits = [(p.sends(rank)[0] * row_bytes).tolist() for p in plans]
-            recv_splits = [(p.receive_splits(rank, world) * row_bytes).tolist() for p in plans]
-            send = torch.empty(max(sum(s) for s in splits), dtype=torch.uint8, device=buf.device)
-            recv = torch.empty(max(sum(s) for s in recv_splits), dtype=torch.uint8,
-                               device=buf.device)
-            state = {"ours": 0, "bare": 0, "bare_fresh": 0, "mismatch": 0}
-
-            def ours():
-                s = state["ours"]
-                buf.draw(r, s)
-                if buf.last_exchange.payload_sent != sum(splits[s]):
-                    state["mismatch"] += 1
-                state["ours"] += 1
-
-            def bare(fresh: bool = False):
-                key = "bare_fresh" if fresh else "bare"
-                s = state[key]
-                size = sum(recv_splits[s])
-                out = (torch.empty(size, dtype=torch.uint8, device=buf.device) if fresh
-                       else recv[:size])
-                dist.all_to_all_single(out, send[: sum(splits[s])],
-                                       output_split_sizes=recv_splits[s],
-                                       input_split_sizes=splits[s], group=group)
-                state[key] += 1
-
-            samples = time_interleaved({"ours": ours, "bare": bare,
-                                        "bare_fresh": lambda: bare(fresh=True)},
-                                       cfg["warmup"], cfg["repeats"], buf.device,
-                                       before=barrier_for(buf))
+            per_rank, c = cfg["per_rank"][shape_name], cfg["c"]
+            buf = ShardedRehearsalBuffer(per_rank * world, seed=0)
+            recorder = SplitRecorder(buf.exchange)
+            buf.exchange = recorder
+            pipe = RehearsalPipeline(buf, batch_size_mem=r, num_candidates=c, async_mode=False)
+            pool = sample_pool(shape_name, dtype_name, cfg, rank)
+            for i in range(2 * per_rank // c + 4):  # full shards, classes at their quotas
+                pipe.augment(*pool[i % len(pool)])
+            group = buf.exchange.payload_group
+            meta = (HEADER + c) * 8
+            samples = {"step": [], "exchange": [], "bare": []}
+            barrier = barrier_for(buf)
+            clock = PhaseClock()
+            for i in range(cfg["warmup"] + cfg["repeats"]):
+                batch = pool[i % len(pool)]
+                barrier()
+                clock.reset()
+                buf.phase_clock = clock
+                start = time.perf_counter()
+                pipe.augment(*batch)
+                step = time.perf_counter() - start
+                buf.phase_clock = None
+                send_splits, recv_splits = recorder.last
+                payload_send = [s - meta for s in send_splits]
+                payload_recv = [s - meta for s in recv_splits]
+                send = torch.empty(max(sum(payload_send), 1), dtype=torch.uint8)
+                recv = torch.empty(max(sum(payload_recv), 1), dtype=torch.uint8)
+                barrier()
+                start = time.perf_counter()
+                dist.all_to_all_single(recv[: sum(payload_recv)], send[: sum(payload_send)],
+                                       output_split_sizes=payload_recv,
+                                       input_split_sizes=payload_send, group=group)
+                bare = time.perf_counter() - start
+                if i >= cfg["warmup"]:
+                    samples["step"].append(step)
+                    samples["exchange"].append(clock.seconds["exchange"])
+                    samples["bare"].append(bare)
             summary = {k: summarize(max_over_ranks(v)) for k, v in samples.items()}
+            row_bytes = buf.bytes_per_sample
             rows.append({"world": world, "shape": shape_name, "dtype": dtype_name, "r": r,
-                         "bytes_received": r * row_bytes, **summary,
-                         "ratio": summary["ours"]["median"] / summary["bare"]["median"],
-                         "ratio_fresh": (summary["ours"]["median"]
-                                         / summary["bare_fresh"]["median"]),
-                         "splits_match": state["mismatch"] == 0, "device": str(buf.device)})
+                         "c": c, "row_bytes": row_bytes, "payload_bytes_received": r * row_bytes,
+                         "metadata_bytes_per_rank": meta * (world - 1), **summary,
+                         "step_over_bare": summary["step"]["median"] / summary["bare"]["median"],
+                         "exchange_over_bare": (summary["exchange"]["median"]
+                                                / summary["bare"]["median"])})
+            pipe.close()
+            buf.close()
     return rows

@@ -10,6 +10,7 @@ from typing import Dict, List
 from .workloads import VARIANT_TITLES, VARIANTS
 
 STEP_TARGET, ONLINE_TARGET, ONLINE_SPEEDUP, EXCHANGE_TARGET, BYTES_TOLERANCE = 1.05, 1.10, 2.0, 1.25, 0.05
+STEP_OVER_BARE, HOST_OVER_TORCHRL, HOST_OVER_FLOOR = 2.0, 0.5, 4.0
 
 
 def _ms(s: Dict) -> str:
@@ -54,18 +55,38 @@ def targets(results: Dict) -> List[Dict]:
                            f"stock holds {max(r['stock_samples'] for r in ranks)} per rank"))
     for world, rows in sorted(results.get("exchange", {}).items()):
         for row in rows:
-            out.append(_target(f"exchange / bare all-to-all, {row['shape']} {row['dtype']}, "
-                               f"r={row['r']}, {world} ranks", row["ratio"], EXCHANGE_TARGET, "<="))
+            case = f"{row['shape']} {row['dtype']}, r={row['r']}, {world} ranks"
+            out.append(_target(f"whole step / bare all-to-all of its records, {case}",
+                               row["step_over_bare"], STEP_OVER_BARE, "<="))
+            out.append(_target(f"the step's collective / bare all-to-all, {case}",
+                               row["exchange_over_bare"], EXCHANGE_TARGET, "<="))
+    for world, hc in results.get("host_cost", {}).items():
+        s = hc["step"]
+        if hc.get("torchrl"):
+            out.append(_target("host time per step: ours (sync) / TorchRL extend + sample",
+                               s["ours_sync"]["median"] / s["torchrl"]["median"],
+                               HOST_OVER_TORCHRL, "<="))
+        out.append(_target("host time per step: ours (sync) / bare copies of the same rows",
+                           s["ours_sync"]["median"] / s["floor"]["median"], HOST_OVER_FLOOR, "<="))
+        out.append(_target("training-thread time per step: ours async / ours sync",
+                           s["ours_async"]["median"] / s["ours_sync"]["median"], 1.0, "<="))
+    for world, rows in results.get("metadata_scaling", {}).items():
+        for n in sorted({row["world"] for row in rows}):
+            per_c = [row for row in rows if row["world"] == n]
+            sent = [row["metadata_bytes_sent"] for row in per_c]
+            out.append(_target(f"metadata bytes per rank per step, {n} ranks, classes "
+                               f"{'/'.join(str(row['classes']) for row in per_c)}: max / min - 1",
+                               max(sent) / min(sent) - 1, 0.0, "<=", "flat in the classes"))
     scaling = results.get("scaling", {})
     cases = sorted({(row["shape"], row["dtype"]) for rows in scaling.values() for row in rows})
     for shape, dtype in cases:
-        for field in ("payload_received", "total_received", "total_sent"):
-            values = [row[field] for rows in scaling.values() for row in rows
-                      if (row["shape"], row["dtype"]) == (shape, dtype)]
-            spread = max(values) / min(values) - 1 if min(values) > 0 else float("nan")
-            out.append(_target(f"bytes per rank per step, {field}, {shape} {dtype}, "
-                               f"worlds {','.join(sorted(scaling, key=int))}",
-                               spread, BYTES_TOLERANCE, "<=", "relative spread max/min - 1"))
+        values = [row["payload_received"] for w, rows in scaling.items() if int(w) > 1 for row in rows
+                  if (row["shape"], row["dtype"]) == (shape, dtype)]
+        if len(values) > 1 and min(values) > 0:
+            out.append(_target(f"records received per rank per step, {shape} {dtype}, "
+                               f"worlds {','.join(w for w in sorted(scaling, key=int) if int(w) > 1)}",
+                               max(values) / min(values) - 1, BYTES_TOLERANCE, "<=",
+                               "relative spread max/min - 1"))
     return out
 
 
@@ -154,43 +175,78 @@ def markdown(results: Dict) -> str:
     ex = results.get("exchange", {})
     if ex:
         lines += _table(
-            "## 3. Exchange step against a bare `all_to_all_single` of the same bytes",
-            ["bare: into a preallocated receive tensor (the target's reference); bare, fresh: "
-             "into a newly allocated one, as `draw` must return new tensors."],
-            ["ranks", "sample", "dtype", "r", "KiB received/rank", "ours ms", "bare ms",
-             "ratio", "bare, fresh ms", "ratio to fresh"],
-            [[world, row["shape"], row["dtype"], row["r"], _kib(row["bytes_received"]),
-              _ms(row["ours"]), _ms(row["bare"]), f"{row['ratio']:.2f}",
-              _ms(row.get("bare_fresh")),
-              f"{row['ratio_fresh']:.2f}" if "ratio_fresh" in row else "-"]
+            "## 3. A whole step against a bare `all_to_all_single` of its records",
+            ["step: one synchronous `RehearsalPipeline.augment` (checks, plan, serve, the one "
+             "collective carrying every rank's metadata and the records, agreement, insertion, "
+             "assembly); collective: that step's all-to-all alone; bare: the records' bytes "
+             "only, same splits, preallocated tensors. Median ms, slowest rank per repeat."],
+            ["ranks", "sample", "dtype", "r", "KiB of records/rank", "metadata B/rank",
+             "step ms", "collective ms", "bare ms", "step / bare", "collective / bare"],
+            [[world, row["shape"], row["dtype"], row["r"], _kib(row["payload_bytes_received"]),
+              row["metadata_bytes_per_rank"], _ms(row["step"]), _ms(row["exchange"]),
+              _ms(row["bare"]), f"{row['step_over_bare']:.2f}", f"{row['exchange_over_bare']:.2f}"]
              for world, row in _by_world(ex)])
     sc = results.get("scaling", {})
     if sc:
         lines += _table(
-            "## 4. Scaling: bytes per rank per step and exchange time",
-            ["Payload includes a rank's rows for itself; off-rank = the part that leaves the "
-             "rank. Metadata = all-gathered class counts. Means over steps and ranks."],
-            ["ranks", "sample", "dtype", "r", "payload recv B", "payload sent B",
-             "off-rank sent B", "metadata recv B", "total recv B", "exchange ms"],
+            "## 4. Scaling: bytes per rank per step and step time",
+            ["To and from the *other* ranks only; records = the representatives, metadata = "
+             "every rank's header and candidate keys (the step's one collective carries both). "
+             "Means over steps and ranks; step: median ms, slowest rank."],
+            ["ranks", "sample", "dtype", "r", "records recv B", "records sent B",
+             "metadata recv B", "metadata sent B", "step ms"],
             [[world, row["shape"], row["dtype"], row["r"], f"{row['payload_received']:,.0f}",
-              f"{row['payload_sent']:,.0f}", f"{row['off_rank_sent']:,.0f}",
-              f"{row['metadata_received']:,.0f}", f"{row['total_received']:,.0f}",
-              _ms(row["exchange"]) + (" (oversubscribed)" if row.get("oversubscribed") else "")]
+              f"{row['payload_sent']:,.0f}", f"{row['metadata_received']:,.0f}",
+              f"{row['metadata_sent']:,.0f}",
+              _ms(row["step"]) + (" (oversubscribed)" if row.get("oversubscribed") else "")]
              for world, row in _by_world(sc)])
+    for world, hc in results.get("host_cost", {}).items():
+        w = hc["workload"]
+        s = hc["step"]
+        base = s["ours_sync"]["median"]
+        names = [n for n in ("ours_sync", "ours_async", "torchrl", "floor") if n in s]
+        lines += _table(
+            "## 5. Host time per step of the core (1 rank, CPU)",
+            [f"b={w['b']}, c={w['c']}, r={w['r']}, {w['dim']} float32 values + class and task "
+             f"labels per sample, M={w['mem_size']}; interleaved steps on full buffers, median "
+             "us. ours_async: the training thread's time (the job runs on the worker)."],
+            ["variant", "us per step", "/ ours sync"],
+            [[n, f"{1e6 * s[n]['median']:.1f}", f"{s[n]['median'] / base:.2f}"] for n in names])
+        lines += _table("### Stages of a synchronous step (mean us)", [],
+                        list(hc["phases"]) + ["sum"],
+                        [[f"{1e6 * v:.1f}" for v in hc["phases"].values()]
+                         + [f"{1e6 * sum(hc['phases'].values()):.1f}"]])
+    for world, rows in results.get("metadata_scaling", {}).items():
+        lines += _table(
+            "## 6. Metadata and host time per step at scale (simulated ledger, steady state)",
+            ["One rank's replica of the ledger of N ranks and C classes, every shard full, "
+             "c keys per rank per step; median us per step; deal: one re-deal (a structural "
+             "step), where run."],
+            ["ranks N", "classes C", "metadata sent B/rank", "metadata received B/rank",
+             "agree us", "ledger us", "plan us", "deal s"],
+            [[row["world"], row["classes"], f"{row['metadata_bytes_sent']:,}",
+              f"{row['metadata_bytes_received']:,}", f"{1e6 * row['agree']['median']:.0f}",
+              f"{1e6 * row['ledger']['median']:.0f}", f"{1e6 * row['plan']['median']:.0f}",
+              f"{row['deal_seconds']:.2f}" if "deal_seconds" in row else "-"] for row in rows])
     return "\n".join(lines)
 
 
-def plot(results: Dict, path: str) -> bool:
-    """Bytes per rank per step and exchange time against the world size; False without matplotlib."""
-    sc = results.get("scaling", {})
-    if not sc:
-        return False
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(results: Dict, path: str) -> bool:
+    """Bytes per rank per step and step time against the world size; False without data."""
+    sc = results.get("scaling", {})
+    plt = _pyplot()
+    if not sc or plt is None:
         return False
     worlds = sorted(sc, key=int)
     cases = sorted({(row["shape"], row["dtype"]) for rows in sc.values() for row in rows})
@@ -203,18 +259,46 @@ def plot(results: Dict, path: str) -> bool:
                 vals.append(row[key][sub] if sub else row[key])
             return vals
         xs = [int(w) for w in worlds]
-        ax1.plot(xs, [v / 1024 for v in series("total_received")], "o-",
-                 label=f"{shape} {dtype}: received")
-        ax1.plot(xs, [v / 1024 for v in series("off_rank_sent")], "x--",
-                 label=f"{shape} {dtype}: off-rank sent")
-        ax2.plot(xs, [1e3 * v for v in series("exchange", "median")], "o-", label=f"{shape} {dtype}")
+        ax1.plot(xs, [max(v, 1) / 1024 for v in series("payload_received")], "o-",
+                 label=f"{shape} {dtype}: records received")
+        ax1.plot(xs, [max(v, 1) / 1024 for v in series("metadata_received")], "x--",
+                 label=f"{shape} {dtype}: metadata received")
+        ax2.plot(xs, [1e3 * v for v in series("step", "median")], "o-", label=f"{shape} {dtype}")
     ax1.set(xlabel="world size", ylabel="KiB per rank per step", xscale="log", yscale="log",
-            title="Bytes per rank per step")
-    ax2.set(xlabel="world size", ylabel="ms (median, max over ranks)", xscale="log",
-            title="Exchange step time (CPU-oversubscribed beyond the core count)")
+            title="Bytes per rank per step (other ranks)")
+    ax2.set(xlabel="world size", ylabel="ms (median, slowest rank)", xscale="log",
+            title="Step time (CPU-oversubscribed beyond the core count)")
     for ax in (ax1, ax2):
         ax.set_xticks([int(w) for w in worlds], [str(w) for w in worlds])
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_metadata(results: Dict, path: str) -> bool:
+    """Metadata bytes and host time per step against N, one line per number of classes."""
+    rows = [row for rs in results.get("metadata_scaling", {}).values() for row in rs]
+    plt = _pyplot()
+    if not rows or plt is None:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    markers = "os^Dv"
+    for i, classes in enumerate(sorted({row["classes"] for row in rows})):
+        mine = sorted((row for row in rows if row["classes"] == classes), key=lambda r: r["world"])
+        xs = [row["world"] for row in mine]
+        ax1.plot(xs, [row["metadata_bytes_received"] / 1024 for row in mine],
+                 markers[i % 5] + "-", label=f"C = {classes}", alpha=0.8)
+        ax2.plot(xs, [1e6 * (row["agree"]["median"] + row["ledger"]["median"]
+                             + row["plan"]["median"]) for row in mine],
+                 markers[i % 5] + "-", label=f"C = {classes}", alpha=0.8)
+    ax1.set(xlabel="ranks N", ylabel="KiB received per rank per step", xscale="log",
+            yscale="log", title="Metadata per rank per step (the lines coincide)")
+    ax2.set(xlabel="ranks N", ylabel="us per step", xscale="log", yscale="log",
+            title="Host time: agreement + ledger + plan")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -229,5 +313,8 @@ def write(results: Dict, out: str) -> List[str]:
         f.write(markdown(results) + "\n")
     png = os.path.join(out, "scaling.png")
     if plot(results, png):
+        paths.append(png)
+    png = os.path.join(out, "metadata_scaling.png")
+    if plot_metadata(results, png):
         paths.append(png)
     return paths

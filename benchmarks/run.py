@@ -42,11 +42,16 @@ FULL = {
                    "r": 8, "warmup": 5, "repeats": 50},
     "exchange": {"worlds": [2, 4], "cases": [[SIZES_32, "float32"], [SIZES_32, "uint8"],
                                              [SIZES_224, "float32"], [SIZES_224, "uint8"]],
-                 "per_rank": {SIZES_32: 2000, SIZES_224: 200}, "classes": 10, "c": 32,
-                 "r_values": [8, 64], "warmup": 5, "repeats": 30},
+                 "per_rank": {SIZES_32: 2000, SIZES_224: 200}, "classes": 10, "b": 32, "c": 16,
+                 "r_values": [8, 64], "warmup": 10, "repeats": 60},
     "scaling": {"worlds": [1, 2, 4, 8], "cases": [[SIZES_32, "float32"], [SIZES_224, "uint8"]],
-                "per_rank": {SIZES_32: 2000, SIZES_224: 200}, "classes": 10, "c": 32, "r": 8,
-                "warmup": 3, "repeats": 20},
+                "per_rank": {SIZES_32: 2000, SIZES_224: 200}, "classes": 10, "b": 32, "c": 16,
+                "r": 8, "warmup": 3, "repeats": 20},
+    "host_cost": {"worlds": [1], "b": 32, "c": 16, "r": 8, "dim": 64, "mem_size": 500,
+                  "classes": 10, "steps": 3000},
+    "metadata_scaling": {"worlds": [1], "sim_worlds": [8, 32, 128, 512, 1024],
+                         "classes": [100, 1000, 21841], "per_rank": 2000, "c": 16, "r": 8,
+                         "steps": 30, "deal_max": 128 * 1000},
 }
 
 TINY = "3x8x8"
@@ -63,9 +68,13 @@ SMOKE = {
                    "per_rank": {TINY: 16}, "classes": 4, "c": 4, "r": 2, "warmup": 1,
                    "repeats": 3},
     "exchange": {"worlds": [2, 4], "cases": [[TINY, "float32"]], "per_rank": {TINY: 16},
-                 "classes": 4, "c": 4, "r_values": [2], "warmup": 1, "repeats": 3},
+                 "classes": 4, "b": 6, "c": 4, "r_values": [2], "warmup": 1, "repeats": 3},
     "scaling": {"worlds": [1, 2, 4], "cases": [[TINY, "float32"]], "per_rank": {TINY: 16},
-                "classes": 4, "c": 4, "r": 2, "warmup": 1, "repeats": 4},
+                "classes": 4, "b": 6, "c": 4, "r": 2, "warmup": 1, "repeats": 4},
+    "host_cost": {"worlds": [1], "b": 8, "c": 4, "r": 2, "dim": 4, "mem_size": 20,
+                  "classes": 3, "steps": 20},
+    "metadata_scaling": {"worlds": [1], "sim_worlds": [2, 8], "classes": [10, 50],
+                         "per_rank": 20, "c": 4, "r": 2, "steps": 3, "deal_max": 1000},
 }
 
 #: part -> (module, function) run on every rank of each of the part's world sizes.
@@ -78,6 +87,8 @@ PARTS = {
     "buffer_ops": ("benchmarks.buffer_ops", "buffer_ops"),
     "exchange": ("benchmarks.exchange", "exchange"),
     "scaling": ("benchmarks.scaling", "scaling"),
+    "host_cost": ("benchmarks.host_cost", "host_cost"),
+    "metadata_scaling": ("benchmarks.metadata_scaling", "metadata_scaling"),
 }
 
 

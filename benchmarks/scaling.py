@@ -1,10 +1,10 @@
-"""Bytes per rank per step, and exchange time, against the world size (weak scaling).
+"""Bytes per rank per step, and step time, against the world size (weak scaling).
 
 Every rank keeps a full shard of ``per_rank`` samples (the global budget grows with the
-world) and draws ``r`` representatives per step. Bytes come from ``buffer.last_exchange``
-(payload: the rows a rank sends and receives, its own rows included; metadata: the
-all-gathered class counts) and, from the step's plan, the payload that leaves the rank
-(``off_rank_sent``). Averaged over steps, then over ranks. Times are maxima over ranks,
+world) and runs pipeline steps (synchronous ``RehearsalPipeline.augment``: ``b`` samples,
+``c`` candidates, ``r`` representatives). Bytes come from each step's statistics
+(``DrawRecord.stats``): the records and the metadata a rank sends to and receives from
+the *other* ranks, averaged over steps, then over ranks. Times are maxima over ranks,
 medians over steps; with more ranks than cores they are oversubscribed (see the report).
 """
 
@@ -14,11 +14,12 @@ from typing import Dict, List
 
 import torch
 
-from .buffer_ops import barrier_for, full_buffers
-from .exchange import plan_of
+from .buffer_ops import barrier_for, sample_pool
 from .timing import max_over_ranks, summarize, time_interleaved
 
-FIELDS = ("payload_sent", "payload_received", "metadata_sent", "metadata_received")
+FIELDS = {"payload_sent": "payload_to_others", "payload_received": "payload_from_others",
+          "metadata_sent": "metadata_to_others", "metadata_received": "metadata_from_others",
+          "records_received_all": "payload_received"}
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -32,36 +33,39 @@ def _mean_over_ranks(value: float) -> float:
 
 
 def scaling(rank: int, world: int, cfg: dict) -> List[Dict]:
+    from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
+
     rows = []
-    r = cfg["r"]
-    for shape_name, dtype_name, buf, _ in full_buffers(world, rank, cfg):
-        counts = buf.ledger.eligible_matrix()
-        row_bytes = buf.storage.layout.row_bytes
+    r, c = cfg["r"], cfg["c"]
+    for shape_name, dtype_name in cfg["cases"]:
+        per_rank = cfg["per_rank"][shape_name]
+        buf = ShardedRehearsalBuffer(per_rank * world, seed=0)
+        pipe = RehearsalPipeline(buf, batch_size_mem=r, num_candidates=c, async_mode=False)
+        pool = sample_pool(shape_name, dtype_name, cfg, rank)
+        for i in range(2 * per_rank // c + 4):  # full shards: the steady state
+            pipe.augment(*pool[i % len(pool)])
         totals = dict.fromkeys(FIELDS, 0)
-        totals["off_rank_sent"] = 0
-        n = cfg["repeats"]
-        for s in range(n):  # bytes: untimed pass
-            buf.draw(r, s)
-            stats = buf.last_exchange
-            for f in FIELDS:
-                totals[f] += getattr(stats, f)
-            splits = plan_of(buf, counts, r, s).sends(rank)[0]
-            totals["off_rank_sent"] += int(splits.sum() - splits[rank]) * row_bytes
-        state = {"step": n}
+        state = {"i": 0}
 
         def step():
-            buf.draw(r, state["step"])
-            state["step"] += 1
+            pipe.augment(*pool[state["i"] % len(pool)])
+            state["i"] += 1
+            stats = pipe.last_draw.stats
+            for name, field in FIELDS.items():
+                totals[name] += getattr(stats, field)
 
-        samples = time_interleaved({"exchange": step}, cfg["warmup"], cfg["repeats"],
-                                   buf.device, before=barrier_for(buf))["exchange"]
-        row = {"world": world, "shape": shape_name, "dtype": dtype_name, "r": r,
-               "per_rank": buf.local_capacity, "row_bytes": row_bytes,
-               "exchange": summarize(max_over_ranks(samples)),
+        samples = time_interleaved({"step": step}, cfg["warmup"], cfg["repeats"],
+                                   buf.device, before=barrier_for(buf))["step"]
+        n = state["i"]
+        row = {"world": world, "shape": shape_name, "dtype": dtype_name, "r": r, "c": c,
+               "per_rank": buf.local_capacity, "row_bytes": buf.bytes_per_sample,
+               "step": summarize(max_over_ranks(samples)),
                "oversubscribed": world > (cfg.get("cores") or world), "device": str(buf.device)}
-        for f, v in totals.items():
-            row[f] = _mean_over_ranks(v / n)
+        for name in FIELDS:
+            row[name] = _mean_over_ranks(totals[name] / n)
         row["total_received"] = row["payload_received"] + row["metadata_received"]
         row["total_sent"] = row["payload_sent"] + row["metadata_sent"]
         rows.append(row)
+        pipe.close()
+        buf.close()
     return rows

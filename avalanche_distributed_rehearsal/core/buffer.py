@@ -53,7 +53,7 @@ from .layout import RecordLayout
 from .ledger import ledger_from_shares, make_ledger
 from .phases import PhaseClock
 from .metadata import (BAD_LABELS, BAD_VALUES, HEADER, NONFINITE, STEP, SYNC, StepContext,
-                       check_agreement, decode, digest, encode)
+                       agree, digest, encode, layouts_of)
 from .records import (INPUT, LABEL, TASK, InsertionKeys, as_record, check_dtypes, check_record,
                       is_class_labels, layout_for)
 from .reservoir import LocalReservoir
@@ -185,7 +185,9 @@ class ShardedRehearsalBuffer:
         self.last_exchange = ExchangeStats()
         self.last_draw: Optional[DrawRecord] = None
         self.last_written = 0  # rows the last step wrote into this shard
-        #: a :class:`~.phases.PhaseClock` to time the stages of every step (None: off)
+        self._every_rank_has_layout = False  # seen in the headers of an agreed step
+        #: a :class:`~.phases.PhaseClock` marked at the end of every stage of a step (None:
+        #: off); the caller starts it (the pipeline does, at each call, in synchronous mode)
         self.phase_clock: Optional[PhaseClock] = None
         self.rejected_nonfinite = 0
 
@@ -401,19 +403,20 @@ class ShardedRehearsalBuffer:
         self.channel.seq += 1
         return message
 
-    def _agree(self, messages: torch.Tensor, exception) -> Tuple[list, torch.Tensor, torch.Tensor]:
-        heads, keys, counts = decode(messages)
-        check_agreement(heads, self.rank)
+    def _agree(self, messages: torch.Tensor, exception) -> Tuple[None, torch.Tensor, torch.Tensor]:
+        """Stage 5: every rank's header checked (see :func:`~.metadata.agree`); this rank's
+        own rejection raised; the layout learnt if some ranks have none yet."""
+        keys, counts = agree(messages, self.rank)  # raises on every rank on disagreement
         if exception is not None:
             raise exception
-        if any(h.error for h in heads):
-            raise RuntimeError("a rank rejected its candidates")  # unreachable: raised above
-        self._adopt_layout(heads)
-        return heads, keys, counts
+        if not self._every_rank_has_layout:  # the same on every rank: the headers say it
+            layouts = layouts_of(messages)
+            self._adopt_layout(layouts)
+            self._every_rank_has_layout = 0 not in layouts
+        return None, keys, counts
 
-    def _adopt_layout(self, heads) -> None:
+    def _adopt_layout(self, layouts: set) -> None:
         """Learn the sample layout from the ranks that have one (collective, once)."""
-        layouts = {h.layout for h in heads}
         if 0 not in layouts or len(layouts) == 1:
             return
         mine = self._layout_description()
@@ -537,8 +540,6 @@ class ShardedRehearsalBuffer:
         excluded = _labels_tuple(excluded)
         announce = excluded if announce is None else _labels_tuple(announce)
         clock = self.phase_clock
-        if clock:
-            clock.start()
         candidates, own_keys, error, exception = self._candidates(record)
         layout_digest = self._layout_digest(candidates)
         if clock:
@@ -675,8 +676,6 @@ class ShardedRehearsalBuffer:
         """Stage 7: the representatives of a prepared step (the records' collective first,
         when :meth:`prepare_step` left it: a CUDA shard's payload)."""
         clock = self.phase_clock
-        if clock:
-            clock.start()
         prepared = state.prepared
         records = state.records
         if prepared.moves and records is None:
@@ -819,6 +818,7 @@ class ShardedRehearsalBuffer:
         channel = state.get("channel", {})
         self.channel = Channel(step=int(channel.get("step", -1)),
                                next_excluded=tuple(channel.get("next_excluded", ())))
+        self._every_rank_has_layout = False
 
     def load_union(self, states: list) -> None:
         """Take this rank's share of the union of ``states`` saved by any number of ranks
@@ -853,6 +853,7 @@ class ShardedRehearsalBuffer:
         self._apply_evictions(evict.get(self.rank, {}), capacity)
         reservoir.capacity = capacity
         self.channel = Channel()
+        self._every_rank_has_layout = False
 
     @property
     def local_capacity_for_budget(self) -> int:

@@ -146,6 +146,30 @@ def decode(messages: torch.Tensor) -> Tuple[List[Header], torch.Tensor, torch.Te
     return heads, messages[:, HEADER:], messages[:, _COUNT]
 
 
+#: header words that must be equal on every rank (all but the magic word, the ledger
+#: digest is among them; ``error`` and ``count`` may differ)
+_AGREED = list(range(_KIND, _ERROR))
+
+
+def agree(messages: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Check gathered messages ``(W, HEADER + width)``; return ``(keys (W, width), counts
+    (W,))``. Vectorised in the common case (every rank agrees, nobody reports an error):
+    ``O(W)`` tensor work and no per-rank Python; otherwise :func:`check_agreement` names
+    the disagreement (raising on every rank)."""
+    head = messages[:, :HEADER]
+    same = bool((head[:, _AGREED] == head[0, _AGREED]).all())
+    clean = same and bool((head[:, _MAGIC] == MAGIC).all()) and not bool(head[:, _ERROR].any())
+    if not clean:
+        heads, _, _ = decode(messages)
+        check_agreement(heads, rank)
+    return messages[:, HEADER:], head[:, _COUNT]
+
+
+def layouts_of(messages: torch.Tensor) -> set:
+    """The distinct layout digests of gathered messages (0: a rank without a layout)."""
+    return set(messages[:, _LAYOUT].unique().tolist())
+
+
 def check_agreement(heads: List[Header], rank: int) -> None:
     """Raise the same kind of error on every rank when the gathered headers disagree.
 

@@ -24,6 +24,10 @@ Representatives = Dict[str, torch.Tensor]
 Prepared = Tuple[DrawRecord, StepState]
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class RehearsalPipeline:
     """Drives a :class:`ShardedRehearsalBuffer` once per training step.
 
@@ -170,6 +174,9 @@ class RehearsalPipeline:
             raise RuntimeError("the rehearsal pipeline is closed")
         context = self._context if context is None else context
         rows = self._pick(record)
+        clock = self.buffer.phase_clock if not self.async_mode else None
+        if clock:
+            clock.mark("pick")
         step = self.step + 1
         excluded, announce, device = self._excluded_at(1), self._excluded_at(2), self._device
         if self.async_mode:  # the worker gets copies: the caller may reuse its tensors
@@ -196,20 +203,28 @@ class RehearsalPipeline:
         offered before). Returns ``(inputs', labels', task_labels')``, the batch followed
         by its representatives: ``b + d`` rows on ``inputs.device``, in the batch's dtypes.
         """
+        clock = self.buffer.phase_clock if not self.async_mode else None
+        if clock:
+            clock.start()
         record = as_record(inputs, labels, task_labels)
         self.buffer.check_record(record)  # before anything changes
         task_labels = record.get(TASK, task_labels)
         if task_labels is None:  # targets that are not class labels, no task labels
             task_labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=inputs.device)
+        if clock:
+            clock.mark("check")
         reps = self.take(inputs.device, context, steps_left)
         self.offer(record if offer else None, context, checked=True)
         if not reps:
             return inputs, labels, task_labels
         d = reps[INPUT].shape[0]
         rep_tasks = reps.get(TASK, task_labels.new_zeros(d))
-        return (torch.cat([inputs, reps[INPUT].to(inputs.dtype)]),
-                torch.cat([labels, reps[LABEL].to(labels.dtype)]),
-                torch.cat([task_labels, rep_tasks.to(task_labels.dtype)]))
+        out = (torch.cat([inputs, _as(reps[INPUT], inputs.dtype)]),
+               torch.cat([labels, _as(reps[LABEL], labels.dtype)]),
+               torch.cat([task_labels, _as(rep_tasks, task_labels.dtype)]))
+        if clock:
+            clock.mark("assemble")
+        return out
 
     def _pick(self, record: Optional[Mapping[str, torch.Tensor]]) -> Optional[torch.Tensor]:
         """The ``(c,)`` rows of ``record`` offered this step, at random (None: no record)."""
