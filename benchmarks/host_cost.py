@@ -7,14 +7,16 @@ a buffer of ``M`` samples, ``r`` samples drawn from it and appended to the batch
 
 * ``ours_sync``: ``RehearsalPipeline.augment`` (synchronous: every stage inline);
 * ``ours_async``: the same in asynchronous mode: the time the training thread spends in
-  ``augment`` (the job runs on the worker thread);
+  ``augment`` (the job runs on the worker thread; it is waited for after the timed call,
+  so that it never runs into another variant's timing);
 * ``torchrl``: TorchRL's ``ReplayBuffer(LazyTensorStorage(M))``: ``extend`` of the ``c``
   rows as a ``TensorDict`` of the same three fields, ``sample(r)``, and the concatenation
   (optional: skipped when TorchRL is not installed);
 * ``floor``: the copies alone: ``c`` rows of each field into preallocated storage at
   random slots, ``r`` rows gathered, concatenated to the batch.
 
-Variants run interleaved, one step each in turn, after every buffer is full; figures are
+Variants run interleaved, one step each in turn (the order rotating from step to step, so
+that every variant follows every other as often), after every buffer is full; figures are
 medians. The stage times of ``ours_sync`` come from the buffer's
 :class:`~avalanche_distributed_rehearsal.core.phases.PhaseClock` over the same steps.
 """
@@ -111,12 +113,17 @@ def host_cost(rank: int, world: int, cfg: dict) -> Dict:
     samples = {name: [] for name in variants}
     steps = cfg["steps"]
     sync_buf.phase_clock = clock
+    names = list(variants)
     for i in range(steps):
         batch = batches[i % len(batches)]
-        for name, fn in variants.items():
+        k = i % len(names)  # each variant follows each other one in turn
+        for name in names[k:] + names[:k]:
+            fn = variants[name]
             start = time.perf_counter()
             fn(batch)
             samples[name].append(time.perf_counter() - start)
+            if name == "ours_async":
+                async_pipe.drain()  # its job, untimed: it must not run into the next variant
     sync_buf.phase_clock = None
     phases = {k: v / steps for k, v in clock.seconds.items()}
     sync_pipe.close()

@@ -39,6 +39,7 @@ mismatched transfers. Two protocols carry the metadata:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -69,6 +70,7 @@ __all__ = ["DrawRecord", "ExchangeStats", "PreparedDraw", "ShardedRehearsalBuffe
 
 STATE_VERSION = 4
 PROTOCOLS = ("sync", "fast")
+_UINT64 = getattr(torch, "uint64", None)
 #: Samplers whose plan reads only every rank's number of eligible samples.
 _TOTALS_ONLY = (UniformSampler, LocalSampler)
 
@@ -186,6 +188,7 @@ class ShardedRehearsalBuffer:
         self.last_draw: Optional[DrawRecord] = None
         self.last_written = 0  # rows the last step wrote into this shard
         self._every_rank_has_layout = False  # seen in the headers of an agreed step
+        self._storable_ok: set = set()  # batch dtypes whose storage casts lose nothing
         #: a :class:`~.phases.PhaseClock` marked at the end of every stage of a step (None:
         #: off); the caller starts it (the pipeline does, at each call, in synchronous mode)
         self.phase_clock: Optional[PhaseClock] = None
@@ -299,12 +302,15 @@ class ShardedRehearsalBuffer:
         labels = None
         try:
             if keys.by_class:
-                labels = to_int64_cpu("labels", record[LABEL])
-                if labels.dtype != record[LABEL].dtype and record[LABEL].dtype == getattr(torch, "uint64", None):
-                    cands = Candidates(dict(record, **{LABEL: labels}), cands.rows)
+                raw = record[LABEL]
+                if raw.dtype == _UINT64:  # values above 2**63 - 1 refused, then int64 storage
+                    raw = to_int64_cpu("labels", raw)
+                    cands = Candidates(dict(record, **{LABEL: raw}), cands.rows)
                     record = cands.record
-                labels = labels.tolist()
-            tasks = to_int64_cpu("task_labels", record[TASK]).tolist() if TASK in record else None
+                labels = raw.tolist()
+            task = record.get(TASK)
+            tasks = None if task is None else (
+                to_int64_cpu("task_labels", task) if task.dtype == _UINT64 else task).tolist()
         except ValueError as exc:
             return None, [], BAD_LABELS, exc
         problem = label_list_error(labels, tasks)
@@ -340,11 +346,21 @@ class ShardedRehearsalBuffer:
     def _storage_check(self, record) -> Optional[ValueError]:
         """The ValueError of :func:`~.validation.check_storable` (casts into integer storage
         that would change values), or None. Reads values only for such fields (none in the
-        common case)."""
+        common case: then, once the layout is known, this costs a dictionary lookup)."""
+        layout = self.storage.layout
+        key = None
+        if layout is not None:
+            key = tuple((name, value.dtype) for name, value in record.items())
+            if key in self._storable_ok:
+                return None
         try:
-            check_storable(record, self.storage.layout, self.dtypes)
+            check_storable(record, layout, self.dtypes)
         except ValueError as exc:
             return exc
+        if key is not None and not any(
+                spec.dtype != dtype and not spec.dtype.is_floating_point
+                for name, dtype in key for spec in (layout.fields.get(name),) if spec is not None):
+            self._storable_ok.add(key)  # no cast into integer storage can lose anything
         return None
 
     # ------------------------------------------------------------------ stages 2-3: plan, serve
@@ -434,6 +450,9 @@ class ShardedRehearsalBuffer:
 
     def _layout_digest(self, candidates) -> int:
         layout = self.storage.layout
+        cached = getattr(self, "_layout_digest_cache", None)
+        if layout is not None and cached is not None and cached[0] is layout:
+            return cached[1]
         if layout is None and candidates:
             layout = layout_for(candidates.record, self.dtypes)
         self._pending_layout = layout
@@ -541,7 +560,6 @@ class ShardedRehearsalBuffer:
         announce = excluded if announce is None else _labels_tuple(announce)
         clock = self.phase_clock
         candidates, own_keys, error, exception = self._candidates(record)
-        layout_digest = self._layout_digest(candidates)
         if clock:
             clock.mark("check")
         if self.world_size == 1:
@@ -553,6 +571,7 @@ class ShardedRehearsalBuffer:
             if clock:
                 clock.mark("insert")
             return StepState(prepared)
+        layout_digest = self._layout_digest(candidates)
         paired = protocol == "fast" and self.channel.synced
         if paired and (r != self.step_r or len(own_keys) > self.max_candidates):
             raise ValueError(f"a fast step draws step_r={self.step_r} representatives and "
@@ -668,7 +687,7 @@ class ShardedRehearsalBuffer:
         (stats.metadata_sent, stats.metadata_received, stats.metadata_to_others,
          stats.metadata_from_others) = meta
         prepared.record = self.last_draw = DrawRecord(
-            prepared.step, prepared.table, prepared.excluded, ExchangeStats(**vars(stats)),
+            prepared.step, prepared.table, prepared.excluded, copy.copy(stats),
             self.bytes_per_sample)
 
     def complete_step(self, state: StepState,

@@ -43,14 +43,16 @@ class ExchangeStats:
     metadata_from_others: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class DrawRecord:
     """What one step's draw saw and moved, on this rank.
 
     Attributes:
         step: the step the draw was made for.
         table: every rank's stored samples per class when the draw was planned
-            (:class:`~.ledger.CountsSnapshot`, excluded classes included). Never modified.
+            (:class:`~.ledger.CountsSnapshot`, excluded classes included).
+    A record is never modified after the step that made it (a plain dataclass, not a
+    frozen one, because one is made per step).
         excluded: the class labels left out of the draw.
         stats: this rank's traffic for the step.
         row_bytes: bytes of one stored record (0 before the first insert on any rank).

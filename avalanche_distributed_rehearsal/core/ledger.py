@@ -59,10 +59,12 @@ class Decisions:
     """One rank's insertion decisions for one step, in candidate order.
 
     ``kinds[i]`` is ``FREE``, ``EVICT`` or ``RESERVOIR`` for candidate ``i``;
-    ``victims[i]`` the class label an ``EVICT`` candidate evicts (else -1)."""
+    ``victims[i]`` the class label an ``EVICT`` candidate evicts (else -1);
+    ``reservoir_only``: every kind is ``RESERVOIR`` (the steady state)."""
 
     kinds: List[int]
     victims: List[int]
+    reservoir_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ class ClassLedger:
             self.experience = experience
         mine = int(counts[rank])
         if int(counts.sum()) == 0:
-            return Decisions([], [])
+            return Decisions([], [], True)
         valid = torch.arange(keys.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
         flat = keys[valid]
         ranks = torch.arange(self.world).unsqueeze(1).expand_as(keys)[valid]
@@ -273,7 +275,7 @@ class ClassLedger:
             self.redeal()
         full = (self.load >= self._caps)[ranks]
         moves = ~full | (self.stored[ranks, cols] < self.quota[ranks, cols])
-        out = Decisions([RESERVOIR] * mine, [-1] * mine)
+        out = Decisions([RESERVOIR] * mine, [-1] * mine, True)
         if not bool(moves.any()):
             return out
         self._writable()
@@ -564,28 +566,31 @@ class SingleLedger:
                 self.live_list = [False] * self.num_classes
             self.experience = experience
         structural = False
-        cols = []
+        col_of, live, n = self.col_of, self.live_list, self.n
+        cols = [col_of.get(label) for label in labels]
         arriving: Dict[int, int] = {}
-        for label in labels:
-            col = self.col_of.get(label)
-            if col is None:
-                col = self._add_class(label)
-            if not self.live_list[col]:
+        for i, col in enumerate(cols):
+            if col is None:  # a class first seen now (maybe twice in this batch)
+                col = col_of.get(labels[i])
+                if col is None:
+                    col = self._add_class(labels[i])
+                cols[i] = col
+            if not live[col]:
                 structural = True
-                self.live_list[col] = True
-            self.n[col] += 1
-            cols.append(col)
+                live[col] = True
+            n[col] += 1
             arriving[col] = arriving.get(col, 0) + 1
+        stored, quota = self.stored_list, self.quota_list
         if not structural:  # a class below its target whose quota is too low for its arrivals
-            structural = any(self.stored_list[c] + h > self.quota_list[c]
-                             and self.n[c] >= 2 * self.n_dealt[c]
-                             for c, h in arriving.items()
-                             if self.stored_list[c] < self.target_list[c])
+            structural = any(stored[c] + h > quota[c] and n[c] >= 2 * self.n_dealt[c]
+                             for c, h in arriving.items() if stored[c] < self.target_list[c])
         if structural:
             self.redeal()
-        kinds, victims = [], []
+            quota = self.quota_list
         cap = self.capacities[0]
-        stored, quota = self.stored_list, self.quota_list
+        if self.total >= cap and all(stored[c] >= quota[c] for c in arriving):
+            return Decisions([RESERVOIR] * len(cols), [-1] * len(cols), True)  # the steady state
+        kinds, victims = [], []
         for col in cols:
             if self.total < cap:
                 kinds.append(FREE)

@@ -143,7 +143,8 @@ class RehearsalPipeline:
             raise RuntimeError("the rehearsal pipeline is closed")
         if self._taken:
             raise RuntimeError("take() was called twice for one step; call offer() in between")
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         if device.type == "cuda":
             self.worker.use_device(device)  # a side stream, CPU shards included
         self._steps_left = steps_left
@@ -189,7 +190,8 @@ class RehearsalPipeline:
                 *copies.values())
         else:  # used before offer() returns: the batch itself (detached), no copy
             candidates = None if rows is None else Candidates(
-                {name: value.detach() for name, value in record.items()}, rows)
+                {name: value.detach() if value.requires_grad else value
+                 for name, value in record.items()}, rows)
             self._ready = self._job(candidates, step, excluded, announce, context, device)
         self.step += 1
         self._taken = False
@@ -217,8 +219,9 @@ class RehearsalPipeline:
         self.offer(record if offer else None, context, checked=True)
         if not reps:
             return inputs, labels, task_labels
-        d = reps[INPUT].shape[0]
-        rep_tasks = reps.get(TASK, task_labels.new_zeros(d))
+        rep_tasks = reps.get(TASK)
+        if rep_tasks is None:
+            rep_tasks = task_labels.new_zeros(reps[INPUT].shape[0])
         out = (torch.cat([inputs, _as(reps[INPUT], inputs.dtype)]),
                torch.cat([labels, _as(reps[LABEL], labels.dtype)]),
                torch.cat([task_labels, _as(rep_tasks, task_labels.dtype)]))

@@ -75,7 +75,7 @@ def check_record(record, layout: Optional[RecordLayout] = None, missing: Iterabl
     ``dtypes={"input": torch.uint8}``): its values are checked at insertion
     (:func:`~.validation.check_storable`).
     """
-    if not isinstance(record, Mapping) or not record:
+    if not record or not (type(record) is dict or isinstance(record, Mapping)):
         raise TypeError(f"a record batch must be a non-empty mapping of field names to tensors, "
                         f"got {type(record).__name__}")
     n = None

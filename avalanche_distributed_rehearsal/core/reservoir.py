@@ -53,8 +53,10 @@ class LocalReservoir:
 
     @property
     def _below(self):
-        """``n -> a uniform integer in [0, n)``: ``rng.randrange`` without its checks."""
-        return getattr(self.rng, "_randbelow", self.rng.randrange)
+        """``n -> a uniform integer in [0, n)``: ``floor(u * n)`` of a float64 uniform ``u``
+        (one C call per draw; its bias is below ``n / 2**53``, as the sampling plans')."""
+        rand = self.rng.random
+        return lambda n: int(rand() * n)
 
     def _take_slot(self, owner: int, index: int) -> int:
         """Remove and return the ``index``-th slot of class ``owner`` (swap-remove)."""
@@ -74,6 +76,19 @@ class LocalReservoir:
         """
         writer: Dict[int, int] = {}
         seen, by_class, owner_of = self.seen, self.slots_by_class, self.label_of_slot
+        if decisions.reservoir_only:  # the steady state: no count changes, one loop
+            rand = self.rng.random
+            empty: List[int] = []
+            for pos, label in enumerate(labels):
+                n = seen[label] = seen.get(label, 0) + 1
+                own = by_class.get(label, empty)
+                j = int(rand() * n)
+                if j < len(own):
+                    writer[own[j]] = pos
+            if not writer:
+                return [], []
+            items = sorted(writer.items(), key=lambda kv: kv[1])
+            return [p for _, p in items], [s for s, _ in items]
         below = self._below
         for pos, (label, kind, victim) in enumerate(zip(labels, decisions.kinds, decisions.victims)):
             n = seen.get(label, 0) + 1

@@ -128,14 +128,20 @@ def _uniforms_per_row(width: int) -> int:
     return 2 * width + 8
 
 
+#: One rank draws by a random permutation of its eligible samples up to this many of them.
+PERMUTATION_MAX = 4096
+
+
 def sample_one_rank(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
-    """``(d,)`` int64: the draws :func:`plan_draws` gives one rank in ``"uniform"`` or
-    ``"local"`` mode over ``n`` eligible samples (the same values, the same generator use)."""
+    """``(d,)`` int64: ``d`` distinct integers drawn uniformly without replacement from
+    ``[0, n)``, in draw order: the first ``d`` of a random permutation (one operation) while
+    ``n <= PERMUTATION_MAX``, else :func:`sample_distinct`. One rank's uniform and local
+    plans (the same law as :func:`plan_draws`, another use of the generator)."""
     if d == 0:
         return torch.zeros(0, dtype=torch.int64)
-    if _uniforms_per_row(d) > PYTHON_BRANCH_MAX:
-        return sample_distinct(torch.tensor([n]), torch.tensor([d]), gen)[0]
-    return torch.tensor(_distinct_python([n], [d], gen)[0], dtype=torch.int64)
+    if n <= PERMUTATION_MAX:
+        return torch.randperm(n, generator=gen)[:d]
+    return sample_distinct(torch.tensor([n]), torch.tensor([d]), gen)[0]
 
 
 def _distinct_python(n_list: List[int], d_list: List[int], gen: torch.Generator) -> List[List[int]]:

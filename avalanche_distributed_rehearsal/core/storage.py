@@ -12,6 +12,8 @@ from .staging import PinnedStaging
 #: Field size from which :meth:`ShardStorage.write_fields` copies a partial batch row by
 #: row instead of gathering it first (a gathered temporary costs more than the loop).
 _ROW_COPY_BYTES = 64 * 1024
+#: Up to this many rows, :meth:`ShardStorage.write_fields` copies row by row into CPU storage.
+_FEW_ROWS = 2
 
 
 def _fit_range(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -122,6 +124,10 @@ class ShardStorage:
         if rows is not None and len(rows) != n:
             raise ValueError(f"rows ({len(rows)}) and slots ({n}) must have the same length")
         prefix = rows is None or list(rows) == list(range(n))  # rows 0..n-1: no gather
+        if n <= _FEW_ROWS and self.device.type == "cpu" and not prefix:
+            self._write_rows(slots, values, rows)
+            self.size = max(self.size, top)
+            return
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
         # Asynchronous only into CUDA storage: a non-blocking copy *to* the CPU returns before
         # the bytes land, and a later CPU read of the storage would not wait for them.
@@ -155,6 +161,16 @@ class ShardStorage:
             column.index_copy_(0, index, value)
         self.size = max(self.size, top)
 
+    def _write_rows(self, slots: Sequence[int], values: Mapping[str, torch.Tensor],
+                    rows: Sequence[int]) -> None:
+        """:meth:`write_fields` of a few rows into CPU storage, one row copy each (cheaper
+        than building index tensors for one or two rows)."""
+        columns = self.columns()
+        for name, spec in self.layout.fields.items():
+            value, column = values[name], columns[name]
+            for slot, row in zip(slots, rows):
+                column[slot].copy_(_fit_range(value[row], spec.dtype))
+
     def gather(self, slots: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Copy the rows at ``slots`` (``(n,)`` int64) into a ``(n, row_bytes)`` uint8 tensor:
         a new one, or ``out`` (then returned) when given."""
@@ -166,7 +182,7 @@ class ShardStorage:
 
     def gather_fields(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The fields of the rows at ``slots``, each a new contiguous tensor (one copy each)."""
-        index = slots.to(self.device)
+        index = slots if slots.device == self.device else slots.to(self.device)
         return {name: view.index_select(0, index) for name, view in self.columns().items()}
 
     def columns(self) -> Dict[str, torch.Tensor]:
