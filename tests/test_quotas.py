@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from avalanche_distributed_rehearsal.core import (ClassBudget, ShardedRehearsalBuffer,
-                                                  SingleLedger, StepContext, split_budget)
+                                                  SmallLedger, StepContext, split_budget)
 from avalanche_distributed_rehearsal.core.deal import UNBOUNDED, deal
 from sim_world import run_threads
 
@@ -123,7 +123,7 @@ def test_dealing_gives_unused_room_to_the_classes_a_rank_holds():
 
 
 def test_one_rank_ledger_matches_the_class_targets():
-    ledger = SingleLedger(40, [40], seed=5)
+    ledger = SmallLedger(40, [40], seed=5)
     ledger.apply(torch.tensor([[0, 1, 2]]), torch.tensor([3]), 0, 0)
     expected = ClassBudget(5).targets([0, 1, 2], 40)
     assert ledger.quotas() == {c: n for c, n in expected.items() if n}

@@ -6,7 +6,7 @@ import random
 import torch
 from scipy.stats import chisquare
 
-from avalanche_distributed_rehearsal.core import ClassLedger, LocalReservoir, SingleLedger
+from avalanche_distributed_rehearsal.core import ClassLedger, LocalReservoir, SmallLedger
 from avalanche_distributed_rehearsal.core.ledger import FREE
 
 
@@ -15,7 +15,7 @@ def steps(labels, per_step):
         yield labels[i: i + per_step]
 
 
-def run_reservoir(capacity, labels, seed, per_step=5, ledger_cls=SingleLedger):
+def run_reservoir(capacity, labels, seed, per_step=5, ledger_cls=SmallLedger):
     """Offer ``labels`` (sample ``i`` has label ``labels[i]``) ``per_step`` at a time to one
     shard; return ``(ledger, reservoir, {slot: sample id})``."""
     ledger = ledger_cls(capacity, [capacity], seed)
@@ -59,7 +59,7 @@ def test_more_classes_than_slots_keeps_one_of_each_highest_priority_class():
 def test_bookkeeping_is_consistent_with_the_ledger():
     rng = random.Random(3)
     labels = [rng.randrange(7) for _ in range(2000)]
-    ledger = SingleLedger(25, [25], 3)
+    ledger = SmallLedger(25, [25], 3)
     res = LocalReservoir(25, seed=3)
     for step, chunk in enumerate(steps(labels, 4)):
         decisions = ledger.apply(torch.tensor([chunk]), torch.tensor([len(chunk)]), step, 0)
@@ -109,7 +109,7 @@ def test_the_statistical_test_detects_a_biased_policy():
 
 
 def test_apply_returns_distinct_slots_and_last_writer_wins():
-    ledger = SingleLedger(2, [2], 0)
+    ledger = SmallLedger(2, [2], 0)
     res = LocalReservoir(2, seed=0)
     labels = [0] * 12
     decisions = ledger.apply(torch.tensor([labels]), torch.tensor([12]), 0, 0)
@@ -129,14 +129,14 @@ def test_evict_is_uniform_within_a_class_and_renumbers():
     assert sorted(s for v in res.slots_by_class.values() for s in v) == list(range(10))
 
 
-def test_one_rank_ledger_decides_as_the_general_ledger():
+def test_list_ledger_decides_as_the_tensor_ledger_on_one_rank():
     rng = random.Random(11)
     for seed in range(30):
         capacity = rng.choice([3, 10, 40])
         n_classes = rng.choice([2, 7, 60])
         labels = [rng.randrange(n_classes) * 1000 + 7 for _ in range(rng.randrange(50, 400))]
         per_step = rng.choice([1, 5, 16])
-        single = SingleLedger(capacity, [capacity], seed)
+        single = SmallLedger(capacity, [capacity], seed)
         general = ClassLedger(capacity, [capacity], seed)
         for step, chunk in enumerate(steps(labels, per_step)):
             keys, counts = torch.tensor([chunk]), torch.tensor([len(chunk)])
@@ -146,3 +146,52 @@ def test_one_rank_ledger_decides_as_the_general_ledger():
             assert (a.kinds, a.victims) == (b.kinds, b.victims), (seed, step)
             assert single.digest() == general.digest()
         assert single.class_counts() == general.class_counts()
+
+
+def equal_ledgers(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if isinstance(sa[key], torch.Tensor):
+            assert torch.equal(sa[key], sb[key]), key
+        else:
+            assert sa[key] == sb[key], key
+
+
+def test_list_ledger_decides_as_the_tensor_ledger_on_many_ranks():
+    """Random worlds of 1-8 ranks, random class-to-rank streams, experience changes,
+    budgets above and below the classes, a resize and a state round trip midway: every
+    rank's decisions, the counts, the quotas and the whole state agree at every step."""
+    rng = random.Random(23)
+    for case in range(40):
+        world = rng.randint(1, 8)
+        budget = rng.choice([world * 2, 30, 120])
+        n_classes = rng.choice([3, 12, 80])
+        caps = [budget // world + (w < budget % world) for w in range(world)]
+        small, tensor = SmallLedger(budget, caps, case), ClassLedger(budget, caps, case)
+        for step in range(rng.randint(10, 60)):
+            experience = step // rng.choice([5, 9, 100])
+            width = rng.choice([0, 1, 4, 9])
+            counts = torch.tensor([rng.randint(0, width) for _ in range(world)])
+            keys = torch.full((world, max(width, 1)), -1, dtype=torch.int64)
+            for w in range(world):
+                for i in range(int(counts[w])):
+                    keys[w, i] = rng.randrange(n_classes) * 3 + (experience % 2)
+            rank = rng.randrange(world)
+            a = small.apply(keys, counts, step, rank, experience)
+            b = tensor.apply(keys, counts, step, rank, experience)
+            assert (a.kinds, a.victims) == (b.kinds, b.victims), (case, step)
+            assert small.digest() == tensor.digest()
+            assert small.quotas(rank) == tensor.quotas(rank)
+            assert torch.equal(small.eligible_per_rank([3, 4]), tensor.eligible_per_rank([3, 4]))
+            if step == 7:
+                grown = budget + rng.choice([-world, world * 3])
+                caps = [grown // world + (w < grown % world) for w in range(world)]
+                assert small.resize(grown, caps) == tensor.resize(grown, caps)
+            if step == 11:
+                copy = SmallLedger(small.budget, small.capacities, case)
+                copy.load_state_dict(tensor.state_dict())
+                equal_ledgers(copy, small)
+                small = copy
+        equal_ledgers(small, tensor)
+        assert small.class_counts() == tensor.class_counts()

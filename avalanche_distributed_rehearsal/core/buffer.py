@@ -51,7 +51,7 @@ from .draw import (DrawRecord, ExchangeStats, PreparedDraw, assemble, compose, e
 from .elastic import union_shares
 from .exchange import default_exchange
 from .layout import RecordLayout
-from .ledger import ledger_from_shares, make_ledger
+from .ledgers import ledger_from_shares, make_ledger
 from .phases import PhaseClock
 from .metadata import (BAD_LABELS, BAD_VALUES, HEADER, NONFINITE, STEP, SYNC, StepContext,
                        agree, digest, encode, layouts_of)
