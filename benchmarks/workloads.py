@@ -11,13 +11,15 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-VARIANTS = ("incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async")
+VARIANTS = ("incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async",
+            "ours_auto")
 VARIANT_TITLES = {
     "incremental_b": "(a) incremental, batch b",
     "incremental_b+r": "(b) incremental, batch b + r",
     "stock_replay": "(c) stock ReplayPlugin + ClassBalancedBuffer",
     "ours_sync": "(d) ours, synchronous",
-    "ours_async": "(e) ours, asynchronous",
+    "ours_async": "(e) ours, asynchronous (always the worker)",
+    "ours_auto": "(f) ours, auto (the default: worker or inline, measured)",
 }
 
 
@@ -86,10 +88,12 @@ def make_strategy(variant: str, model: nn.Module, b: int, r: int, c: int, mem_si
         plugins.append(ReplayPlugin(mem_size=mem_size, batch_size_mem=r,
                                     storage_policy=ClassBalancedBuffer(max_size=mem_size,
                                                                        adaptive_size=True)))
-    elif variant in ("ours_sync", "ours_async"):
+    elif variant in ("ours_sync", "ours_async", "ours_auto"):
         plugins.append(DistributedReplayPlugin(mem_size=mem_size, batch_size_mem=r,
                                                num_candidates=c, seed=seed,
-                                               async_mode=variant == "ours_async"))
+                                               async_mode={"ours_sync": False,
+                                                           "ours_async": True,
+                                                           "ours_auto": "auto"}[variant]))
     elif variant != "incremental_b":
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     plugins.extend(plugins_after)

@@ -47,7 +47,8 @@ def test_files_written(smoke):
 @pytest.mark.timeout(180)
 def test_step_overhead_and_online_times_positive(smoke):
     _, results, _ = smoke
-    variants = {"incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async"}
+    variants = {"incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async",
+                "ours_auto"}
     assert set(results["step_overhead"]) == {"1", "2"}
     for per_model in results["step_overhead"].values():
         assert set(per_model) == {"mlp", "resnet18"}
@@ -58,7 +59,8 @@ def test_step_overhead_and_online_times_positive(smoke):
     assert set(online["train_call"]) == variants
     assert all(_positive(s) for s in online["train_call"].values())
     mem = results["meta"]["sizes"]["online"]["mem_size"]
-    assert online["buffer_samples"] == {"stock_replay": mem, "ours_sync": mem, "ours_async": mem}
+    assert online["buffer_samples"] == {"stock_replay": mem, "ours_sync": mem, "ours_async": mem,
+                                        "ours_auto": mem}
 
 
 @pytest.mark.timeout(180)

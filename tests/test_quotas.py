@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 
 from avalanche_distributed_rehearsal.core import (ClassBudget, ShardedRehearsalBuffer,
                                                   SmallLedger, StepContext, split_budget)
+from avalanche_distributed_rehearsal.core import deal_lists
 from avalanche_distributed_rehearsal.core.deal import UNBOUNDED, deal
 from sim_world import run_threads
 
@@ -120,6 +121,43 @@ def test_dealing_gives_unused_room_to_the_classes_a_rank_holds():
     ub = dense([[big, 0, big], [0, big, 0]])
     q = deal(caps, ub, dense([[8, 0, 8], [0, 8, 0]]), dense([34, 33, 33]), dense([0, 1, 2]))
     assert q.tolist() == [[25, 0, 25], [0, 50, 0]]
+
+
+def random_deal_inputs(rng):
+    """Capacities, bounds (0, held counts, unbounded), weights, targets and a current
+    deal as a ledger would pass them, from balanced to badly contested worlds."""
+    world, k = rng.randint(1, 8), rng.randint(1, 40)
+    budget = rng.choice([k // 2 or 1, k, 3 * k, 200])
+    caps = [budget // world + (w < budget % world) for w in range(world)]
+    ub, weights = [], []
+    for _ in range(world):
+        seen = rng.random()
+        ub.append([0 if rng.random() > seen else rng.choice([UNBOUNDED, rng.randint(0, 30)])
+                   for _ in range(k)])
+        weights.append([rng.randint(0, 50) for _ in range(k)])
+    rank = list(range(k))
+    rng.shuffle(rank)
+    if budget >= k:
+        targets = [budget // k + (r < budget % k) for r in rank]
+    else:
+        targets = [int(r < budget) for r in rank]
+        ub = [[min(u, t) for u, t in zip(row, targets)] for row in ub]
+    current = [[rng.randint(0, 10) for _ in range(k)] for _ in range(world)]
+    return caps, ub, weights, targets, rank, current
+
+
+def test_list_deal_gives_the_tensor_deal():
+    """The plain-list deal (small ledgers) and the tensor deal: the same quotas, every
+    step of the algorithm included (proportional split, water-filling, exchange chains)."""
+    rng = random.Random(5)
+    for case in range(400):
+        caps, ub, weights, targets, rank, current = random_deal_inputs(rng)
+        t = lambda rows: torch.tensor(rows, dtype=torch.int64)  # noqa: E731
+        for prefer in (None, current):
+            want = deal(t(caps), t(ub), t(weights), t(targets), t(rank),
+                        current=None if prefer is None else t(prefer)).tolist()
+            got = deal_lists.deal(caps, ub, weights, targets, rank, current=prefer)
+            assert got == want, (case, caps, ub, weights, targets, rank, prefer)
 
 
 def test_one_rank_ledger_matches_the_class_targets():

@@ -218,7 +218,7 @@ def _ours(ctx: Context, name: str, sampling: str) -> MethodResult:
 
     cfg = ctx.cfg
     plugin = DistributedReplayPlugin(mem_size=cfg.mem_size, batch_size_mem=cfg.replay_mb,
-                                     sampling=sampling, async_mode=not cfg.sync, seed=cfg.seed,
+                                     sampling=sampling, async_mode=False if cfg.sync else "auto", seed=cfg.seed,
                                      transform=ctx.transform)
     meter = TrafficMeter(plugin)
     loggers = [TextLogger(ctx.log_file)] if ctx.log_file is not None else []
@@ -295,7 +295,7 @@ def der(ctx: Context) -> MethodResult:
     evaluator = _evaluator(buffer_metrics(every="experience"))
     model = _model(ctx, train_transform=False)
     strategy = _strategy_class(ctx, DistributedDER)(
-        evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync, seed=cfg.seed,
+        evaluator=evaluator, sampling="uniform", async_mode=False if cfg.sync else "auto", seed=cfg.seed,
         transform=ctx.transform, **_der_arguments(ctx, model))
     meter = TrafficMeter(strategy.replay)
     strategy.plugins.append(meter)
@@ -340,7 +340,7 @@ def er_ace(ctx: Context) -> MethodResult:
     evaluator = _evaluator(buffer_metrics(every="experience"))
     model = _model(ctx, train_transform=False)
     strategy = _strategy_class(ctx, DistributedERACE)(
-        evaluator=evaluator, sampling="uniform", async_mode=not cfg.sync, seed=cfg.seed,
+        evaluator=evaluator, sampling="uniform", async_mode=False if cfg.sync else "auto", seed=cfg.seed,
         transform=ctx.transform, **_er_ace_arguments(ctx, model))
     meter = TrafficMeter(strategy.replay)
     strategy.plugins.append(meter)

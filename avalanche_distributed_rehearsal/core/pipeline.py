@@ -13,6 +13,7 @@ from .candidates import Candidates
 from .draw import DrawRecord, PreparedDraw
 from .exchange import process_group_timeout
 from .metadata import StepContext
+from .overlap import INLINE, WORKER, OverlapChooser
 from .records import INPUT, LABEL, TASK, as_record
 from .seeding import CANDIDATES, derive_seed
 from .validation import check_int
@@ -47,7 +48,10 @@ class RehearsalPipeline:
     returns the concatenated batch. x_i is trained exactly once, at step i (no lag); its
     candidates can be drawn from step ``i + 2`` on (``R_{i+1}`` is planned before they are
     inserted). ``async_mode=False`` runs the job inline instead; for the same seed both
-    modes produce the same shards and the same batches, bit for bit.
+    modes produce the same shards and the same batches, bit for bit. ``async_mode="auto"``
+    measures the training thread's time per step in both and keeps the faster, measuring
+    again every 512 steps (:class:`~.overlap.OverlapChooser`): the worker hides the work
+    only where the machine has room for it (a GPU, a free core, a collective to wait on).
 
     **Collectives.** A job is one collective on the buffer's payload group, which carries
     every rank's step metadata (header and candidate keys) and the representatives'
@@ -100,7 +104,11 @@ class RehearsalPipeline:
         self.num_candidates = num_candidates
         buffer.max_candidates = num_candidates
         buffer.step_r = batch_size_mem
-        self.async_mode = bool(async_mode)
+        if not (isinstance(async_mode, bool) or (isinstance(async_mode, str) and async_mode == "auto")):
+            raise ValueError(f"async_mode must be True, False or 'auto', got {async_mode!r}")
+        self.async_mode = bool(async_mode)  # a worker thread exists
+        #: with async_mode="auto": measures which mode is faster (see :mod:`~.overlap`)
+        self.chooser: Optional[OverlapChooser] = OverlapChooser() if async_mode == "auto" else None
         self.seed = buffer.seed if seed is None else seed
         self.step = 0
         if timeout is None:
@@ -150,6 +158,8 @@ class RehearsalPipeline:
         self._steps_left = steps_left
         self._layout_before_take = self.buffer.layout
         reps = self._take(device, context)
+        if self.chooser is not None:
+            self.chooser.tick()
         self._taken = True
         self._device = device
         self._context = context
@@ -180,7 +190,10 @@ class RehearsalPipeline:
             clock.mark("pick")
         step = self.step + 1
         excluded, announce, device = self._excluded_at(1), self._excluded_at(2), self._device
-        if self.async_mode:  # the worker gets copies: the caller may reuse its tensors
+        on_worker = self.async_mode and (self.chooser is None or self.chooser.mode() == WORKER)
+        if self.chooser is not None:
+            self.chooser.offered(WORKER if on_worker else INLINE)
+        if on_worker:  # the worker gets copies: the caller may reuse its tensors
             copies = {} if rows is None else {name: value.detach().index_select(
                 0, rows.to(value.device, non_blocking=True)) for name, value in record.items()}
             names = list(copies)

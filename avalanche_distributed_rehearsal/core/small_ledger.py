@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .deal import UNBOUNDED, deal
+from .deal_lists import LIST_DEAL_MAX
+from .deal_lists import deal as deal_lists
 from .ledger import (EVICT, FREE, RESERVOIR, ClassLedger, CountsSnapshot, Decisions, _MOD,
                      _mix)
 from .seeding import CLASS_PRIORITY, derive_seed
@@ -131,37 +133,46 @@ class SmallLedger:
         return col
 
     def targets(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(targets (K,), priority rank (K,))`` int64, as :meth:`ClassLedger.targets`."""
+        targets, rank = self._target_lists()
+        return torch.tensor(targets, dtype=torch.int64), torch.tensor(rank, dtype=torch.int64)
+
+    def _target_lists(self) -> Tuple[List[int], List[int]]:
         k = self.num_classes
         order = sorted(range(k), key=lambda c: (self.priority_list[c], self.labels[c]))
         rank = [0] * k
         for i, c in enumerate(order):
             rank[c] = i
-        rank_t = torch.tensor(rank, dtype=torch.int64)
-        if k == 0:
-            return rank_t, rank_t
         if self.budget >= k:
-            base, extra = divmod(self.budget, k)
-            return base + (rank_t < extra).to(torch.int64), rank_t
-        return (rank_t < self.budget).to(torch.int64), rank_t
+            base, extra = divmod(self.budget, k) if k else (0, 0)
+            return [base + (r < extra) for r in rank], rank
+        return [int(r < self.budget) for r in rank], rank
 
     def redeal(self) -> None:
         """Recompute every rank's quotas (the tensor ledger's deal, from these lists)."""
         k, w = self.num_classes, self.world
         if k == 0:
             return
-        targets, rank = self.targets()
-        self.target_list = targets.tolist()
-        n = torch.tensor(self.n, dtype=torch.int64).view(w, k)
-        s = torch.tensor(self.stored_lists, dtype=torch.int64).view(w, k)
-        live = torch.tensor(self.live_lists, dtype=torch.bool).view(w, k)
-        ub = torch.where(n > 0, torch.where(live, torch.full_like(s, UNBOUNDED), s), 0)
+        targets, rank = self._target_lists()
+        self.target_list = targets
+        ub, weights = [], []
+        for n_row, s_row, live_row in zip(self.n, self.stored_lists, self.live_lists):
+            ub.append([0 if n == 0 else (UNBOUNDED if live else s)
+                       for n, s, live in zip(n_row, s_row, live_row)])
+            weights.append([n if live and self.class_total[c] < targets[c] else s_row[c]
+                            for c, (n, live) in enumerate(zip(n_row, live_row))])
         if self.budget < k:
-            ub = ub.minimum(targets.unsqueeze(0))
-        full = s.sum(0, keepdim=True) >= targets.unsqueeze(0)
-        weights = torch.where(live & ~full, n, s)
-        caps = torch.tensor(self.capacities, dtype=torch.int64)
-        current = torch.tensor(self.quota_lists, dtype=torch.int64).view(w, k)
-        self.quota_lists = deal(caps, ub, weights, targets, rank, current=current).tolist()
+            ub = [[min(u, t) for u, t in zip(row, targets)] for row in ub]
+        if w * k <= LIST_DEAL_MAX:
+            self.quota_lists = deal_lists(self.capacities, ub, weights, targets, rank,
+                                          current=self.quota_lists)
+        else:
+            as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int64).view(w, k)  # noqa: E731
+            self.quota_lists = deal(torch.tensor(self.capacities, dtype=torch.int64),
+                                    as_tensor(ub), as_tensor(weights),
+                                    torch.tensor(targets, dtype=torch.int64),
+                                    torch.tensor(rank, dtype=torch.int64),
+                                    current=as_tensor(self.quota_lists)).tolist()
         self.n_dealt = [list(row) for row in self.n]
         self.deals += 1
 

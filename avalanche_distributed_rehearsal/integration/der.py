@@ -75,7 +75,7 @@ class DistributedDER(SupervisedTemplate):
                  plugins: Optional[List[SupervisedPlugin]] = None,
                  evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
                  eval_every: int = -1, peval_mode: str = "epoch", sampling="uniform",
-                 num_candidates: Optional[int] = None, async_mode: bool = True, seed: int = 0,
+                 num_candidates: Optional[int] = None, async_mode: bool | str = "auto", seed: int = 0,
                  buffer_device=None, logits_dtype: torch.dtype = torch.float16,
                  replay_new_classes: bool = False, timeout: Optional[float] = None,
                  nonfinite: str = "raise", offer_epoch: str = "last",

@@ -88,7 +88,7 @@ class DistributedERACE(SupervisedTemplate):
                  plugins: Optional[List[SupervisedPlugin]] = None,
                  evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
                  eval_every: int = -1, peval_mode: str = "epoch", sampling="uniform",
-                 num_candidates: Optional[int] = None, async_mode: bool = True, seed: int = 0,
+                 num_candidates: Optional[int] = None, async_mode: bool | str = "auto", seed: int = 0,
                  buffer_device=None, replay_new_classes: bool = True,
                  timeout: Optional[float] = None, nonfinite: str = "raise",
                  transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,

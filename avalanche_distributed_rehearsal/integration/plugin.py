@@ -49,8 +49,12 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             whole mini-batch. Larger than the batch is clamped to the batch.
         sampling: ``"uniform"``, ``"class_balanced"``, ``"local"`` or a core ``Sampler``
             (see :class:`DistributedRehearsalBuffer`).
-        async_mode: run the buffer work in the background (True) or inline (False). Both
-            give bit-identical results for the same seed.
+        async_mode: ``"auto"`` (default): the buffer work runs on the background worker
+            or inline, whichever gives the shorter training steps, measured every 512
+            steps (the worker hides the work only where the machine has room for it: a
+            GPU, a core the model's threads leave free, a collective to wait on); True:
+            always on the worker; False: always inline. All give bit-identical results
+            for the same seed.
         seed: the same on every rank.
         device: where shards live; None follows the strategy's device.
         storage_policy: an existing :class:`DistributedRehearsalBuffer` to use (its
@@ -120,7 +124,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __init__(self, mem_size: int = 2000, batch_size_mem: Optional[int] = None,
                  num_candidates: Optional[int] = None, sampling: str = "uniform",
-                 async_mode: bool = True, seed: int = 0,
+                 async_mode: bool | str = "auto", seed: int = 0,
                  device: Optional[str | torch.device] = None,
                  storage_policy: Optional[DistributedRehearsalBuffer] = None,
                  timeout: Optional[float] = None, nonfinite: str = "raise",
@@ -136,8 +140,9 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             check_int("batch_size_mem", batch_size_mem, 0)
         if num_candidates is not None:
             check_int("num_candidates", num_candidates, 0)
-        for name, flag in (("async_mode", async_mode), ("replay_new_classes", replay_new_classes),
-                           ("merge_replay", merge_replay)):
+        if not (isinstance(async_mode, bool) or (isinstance(async_mode, str) and async_mode == "auto")):
+            raise TypeError(f"async_mode must be True, False or 'auto', got {async_mode!r}")
+        for name, flag in (("replay_new_classes", replay_new_classes), ("merge_replay", merge_replay)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         for name, f in (("transform", transform), ("eval_transform", eval_transform)):
