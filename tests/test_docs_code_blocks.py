@@ -1,10 +1,10 @@
 """Every code block of the documentation runs as written.
 
-* Every fenced ```python block of README.md, README.new.md (the front door's draft) and
-  docs/**/*.md is executed: a file's blocks in order, in one fresh namespace, in a
-  subprocess (in an empty directory, with a timeout). A block that fails is reported with
-  its file and line, its first line and the exception; the blocks after it still run
-  (their failures say that an earlier block failed).
+* Every fenced ```python block of README.md and docs/**/*.md is executed: a file's
+  blocks in order, in one fresh namespace, in a subprocess (in an empty directory, with
+  a timeout). A block that fails is reported with its file and line, its first line and
+  the exception; the blocks after it still run (their failures say that an earlier block
+  failed).
 * A block preceded by a ``<!-- not-run: reason -->`` comment (on the line above its
   opening fence, blank lines allowed in between) is skipped; the reason is required. Use
   it only for what cannot run here (a GPU, a download, a cluster), and say so.
@@ -87,7 +87,7 @@ def blocks(text: str) -> List[Block]:
 
 
 def doc_files() -> List[Path]:
-    files = [ROOT / "README.md", ROOT / "README.new.md"]
+    files = [ROOT / "README.md"]
     files += sorted((ROOT / "docs").glob("**/*.md"))
     return [f for f in files if f.exists()]
 
@@ -238,10 +238,6 @@ def check_shell_block(code: str) -> List[str]:
 # ---------------------------------------------------------------------------- the tests
 def _file_param(path: Path):
     marks = [pytest.mark.timeout(300)]
-    if path.name == "README.md" and path.parent == ROOT:
-        # README.md is being rewritten (README.new.md is its draft and must pass); remove
-        # this xfail when the new README replaces it.
-        marks.append(pytest.mark.xfail(strict=False, reason="README.md is being rewritten"))
     return pytest.param(path, id=_id(path), marks=marks)
 
 
