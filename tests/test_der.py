@@ -4,31 +4,21 @@ asynchronous == synchronous."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 pytest.importorskip("avalanche")
-from avalanche.benchmarks import nc_benchmark  # noqa: E402
 from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
 from avalanche_distributed_rehearsal import DistributedDER  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
-
-pytestmark = pytest.mark.timeout(240)
-CLASSES, DIM = 6, 5
+from id_data import CLASSES, DIM, id_benchmark as _id_benchmark  # noqa: E402
 
 
 def id_benchmark(n=240, seed=0):
-    """Inputs carry a unique sample id in column 0 (the rest: class signal + noise)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % CLASSES
-    x = torch.randn(n, DIM, generator=g) * 0.3
-    x[:, 1:] += F.one_hot(y, CLASSES)[:, : DIM - 1].float()
-    x[:, 0] = torch.arange(n, dtype=torch.float32)
-    train, test = TensorDataset(x, y), TensorDataset(x[:60], y[:60])
-    train.targets, test.targets = y.tolist(), y[:60].tolist()
-    return nc_benchmark(train, test, n_experiences=3, task_labels=False, seed=0,
-                        fixed_class_order=list(range(CLASSES)))
+    return _id_benchmark(n, seed)[0]
+
+
+pytestmark = pytest.mark.timeout(240)
 
 
 class Recorder(SupervisedPlugin, supports_distributed=True):

@@ -288,18 +288,25 @@ def der(ctx: Context) -> MethodResult:
     losses over the sharded buffer (M / N per rank, float16 logits), sampled uniformly
     over the union of shards like Avalanche's DER samples its buffer."""
     from ..integration import DistributedDER
+
+    return _sharded_strategy(ctx, "der", DistributedDER, _der_arguments)
+
+
+def _sharded_strategy(ctx: Context, name: str, cls, arguments) -> MethodResult:
+    """Run one of our strategies (``cls``: ``DistributedDER`` or ``DistributedERACE``,
+    ``arguments(ctx, model)``: its own arguments) with the buffer metrics and traffic."""
     from ..integration.metrics import buffer_metrics
     from .traffic import TrafficMeter
 
     cfg = ctx.cfg
     evaluator = _evaluator(buffer_metrics(every="experience"))
     model = _model(ctx, train_transform=False)
-    strategy = _strategy_class(ctx, DistributedDER)(
-        evaluator=evaluator, sampling="uniform", async_mode=False if cfg.sync else "auto", seed=cfg.seed,
-        transform=ctx.transform, **_der_arguments(ctx, model))
+    strategy = _strategy_class(ctx, cls)(
+        evaluator=evaluator, sampling="uniform", async_mode=False if cfg.sync else "auto",
+        seed=cfg.seed, transform=ctx.transform, **arguments(ctx, model))
     meter = TrafficMeter(strategy.replay)
     strategy.plugins.append(meter)
-    return _run_sharded(ctx, "der", strategy, model, strategy.replay, evaluator, meter)
+    return _run_sharded(ctx, name, strategy, model, strategy.replay, evaluator, meter)
 
 
 def _er_ace_arguments(ctx: Context, model: nn.Module) -> dict:
@@ -333,18 +340,8 @@ def er_ace(ctx: Context) -> MethodResult:
     losses over the sharded buffer (M / N per rank), sampled uniformly over the union of
     shards like Avalanche's ER_ACE samples its buffer."""
     from ..integration import DistributedERACE
-    from ..integration.metrics import buffer_metrics
-    from .traffic import TrafficMeter
 
-    cfg = ctx.cfg
-    evaluator = _evaluator(buffer_metrics(every="experience"))
-    model = _model(ctx, train_transform=False)
-    strategy = _strategy_class(ctx, DistributedERACE)(
-        evaluator=evaluator, sampling="uniform", async_mode=False if cfg.sync else "auto", seed=cfg.seed,
-        transform=ctx.transform, **_er_ace_arguments(ctx, model))
-    meter = TrafficMeter(strategy.replay)
-    strategy.plugins.append(meter)
-    return _run_sharded(ctx, "er_ace", strategy, model, strategy.replay, evaluator, meter)
+    return _sharded_strategy(ctx, "er_ace", DistributedERACE, _er_ace_arguments)
 
 
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {

@@ -620,10 +620,8 @@ class ShardedRehearsalBuffer:
             records = exchange_records(prepared, self.storage, self.exchange) if prepared.moves else None
             if clock:
                 clock.mark("exchange")
-        self._insert(keys, counts, candidates, own_keys, step, context)
-        self._finish(prepared, announce, meta_bytes)
-        if clock:
-            clock.mark("insert")
+        self._insert_finish(keys, counts, candidates, own_keys, step, context, prepared,
+                            announce, meta_bytes, clock)
         return StepState(prepared, records if prepared.moves else None)
 
     def _device_step(self, exchange_records_now, candidates, own_keys, error, exception,
@@ -671,11 +669,17 @@ class ShardedRehearsalBuffer:
             state.records = exchange_records(prepared, self.storage, self.exchange)
             if clock:
                 clock.mark("exchange")
+        self._insert_finish(keys, counts, candidates, own_keys, step, context, prepared,
+                            announce, meta_bytes, clock)
+        return state
+
+    def _insert_finish(self, keys, counts, candidates, own_keys, step, context, prepared,
+                       announce, meta_bytes, clock) -> None:
+        """Stage 6, then what the step agreed is recorded for the next one."""
         self._insert(keys, counts, candidates, own_keys, step, context)
         self._finish(prepared, announce, meta_bytes)
         if clock:
             clock.mark("insert")
-        return state
 
     def _finish(self, prepared: PreparedDraw, announce: tuple,
                 meta: Tuple[int, int, int, int]) -> None:

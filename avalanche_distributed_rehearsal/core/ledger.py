@@ -95,7 +95,70 @@ class CountsSnapshot:
         return int(self.stored.sum())
 
 
-class ClassLedger:
+class RankRule:
+    """Steps 2-4 of the module doc and the eviction of a shrinking budget, written once
+    for both ledgers over a few accessors: ``_load(w)``, ``_add_load(w, delta)``,
+    ``_stored(w, col)``, ``_quota(w, col)``, ``_victim(w, require_excess)``,
+    ``_count(w, col, delta, step)``, ``labels``, ``capacities``, ``world``."""
+
+    def _insert_rank(self, w: int, cols: List[int], step: int) -> Decisions:
+        """Rank ``w``'s candidate columns, in order: the kind of each and its victim."""
+        kinds, victims = [], []
+        cap = self.capacities[w]
+        for col in cols:
+            kind, evicted = RESERVOIR, -1
+            if self._load(w) < cap:
+                kind = FREE
+                self._count(w, col, +1, step)
+                self._add_load(w, 1)
+            elif self._stored(w, col) < self._quota(w, col):
+                v = self._victim(w, True)
+                if v is not None:
+                    kind, evicted = EVICT, self.labels[v]
+                    self._count(w, v, -1, step)
+                    self._count(w, col, +1, step)
+            kinds.append(kind)
+            victims.append(evicted)
+        return Decisions(kinds, victims)
+
+    def _reset_for(self, state: dict) -> None:
+        """Empty again, with the columns of a :meth:`state_dict` of the same budget and
+        world (raises otherwise); the caller fills the counts."""
+        if list(state["capacities"]) != self.capacities or int(state["budget"]) != self.budget:
+            raise ValueError("ledger state of another budget or world size")
+        self.__init__(self.budget, self.capacities, self.seed)
+        for label in state["labels"]:
+            self._add_class(int(label))
+
+    def unborn_since(self, labels: Sequence[int], step: int) -> bool:
+        """Whether none of ``labels`` had a stored sample before ``step``'s insertion
+        (``_born(col)``: the step a class was first stored at, -1 never)."""
+        for c in labels:
+            col = self.col_of.get(int(c))
+            if col is not None and 0 <= self._born(col) < step:
+                return False
+        return True
+
+    def fit(self) -> Dict[int, Dict[int, int]]:
+        """Bring every rank within its capacity: ``{rank: {label: samples to evict}}`` for
+        the ranks above it (every rank computes the same), one sample at a time from the
+        class furthest above its quota. The counts are updated; the shards must follow."""
+        evict: Dict[int, Dict[int, int]] = {}
+        for w in range(self.world):
+            over = self._load(w) - self.capacities[w]
+            if over <= 0:
+                continue
+            cut: Dict[int, int] = {}
+            for _ in range(over):
+                col = self._victim(w, False)
+                self._count(w, col, -1, -1)
+                cut[self.labels[col]] = cut.get(self.labels[col], 0) + 1
+            self._add_load(w, -over)
+            evict[w] = cut
+        return evict
+
+
+class ClassLedger(RankRule):
     """Every rank's per-class counts and quotas, replicated.
 
     Args:
@@ -292,33 +355,22 @@ class ClassLedger:
         keys = torch.tensor([labels], dtype=torch.int64).view(1, -1)
         return self.apply(keys, torch.tensor([len(labels)]), step, 0, experience)
 
-    def _insert_rank(self, w: int, cols: List[int], step: int) -> Decisions:
-        """Steps 2-4 of the module doc, sequentially, for rank ``w``'s candidate columns."""
-        kinds, victims = [], []
+    def _load(self, w: int) -> int:
+        return int(self.load[w])
+
+    def _add_load(self, w: int, delta: int) -> None:
+        self.load[w] += delta
+
+    def _stored(self, w: int, col: int) -> int:
+        return int(self.stored[w, col])
+
+    def _quota(self, w: int, col: int) -> int:
+        return int(self.quota[w, col])
+
+    def _victim(self, w: int, require_excess: bool) -> Optional[int]:
         k = self.num_classes
-        cap = self.capacities[w]
-        stored, quota = self.stored[w], self.quota[w]
-        labels_t = torch.tensor(self.labels, dtype=torch.int64)
-        for col in cols:
-            if int(self.load[w]) < cap:
-                kinds.append(FREE)
-                victims.append(-1)
-                self._count(w, col, +1, step)
-                self.load[w] += 1
-            elif int(stored[col]) < int(quota[col]):
-                v = victim(stored[:k], quota[:k], labels_t)
-                if v is None:
-                    kinds.append(RESERVOIR)
-                    victims.append(-1)
-                    continue
-                kinds.append(EVICT)
-                victims.append(self.labels[v])
-                self._count(w, v, -1, step)
-                self._count(w, col, +1, step)
-            else:
-                kinds.append(RESERVOIR)
-                victims.append(-1)
-        return Decisions(kinds, victims)
+        return victim(self.stored[w, :k], self.quota[w, :k],
+                      torch.tensor(self.labels, dtype=torch.int64), require_excess=require_excess)
 
     def _count(self, w: int, col: int, delta: int, step: int) -> None:
         self.stored[w, col] += delta
@@ -340,25 +392,9 @@ class ClassLedger:
         return self.fit()
 
     def fit(self) -> Dict[int, Dict[int, int]]:
-        """Bring every rank within its capacity: ``{rank: {label: samples to evict}}`` for
-        the ranks above it (every rank computes the same), one sample at a time from the
-        class furthest above its quota. The counts are updated; the shards must follow."""
-        evict: Dict[int, Dict[int, int]] = {}
-        k = self.num_classes
-        labels_t = torch.tensor(self.labels, dtype=torch.int64)
-        for w in range(self.world):
-            over = int(self.load[w]) - self.capacities[w]
-            if over <= 0:
-                continue
-            self._writable()
-            cut: Dict[int, int] = {}
-            for _ in range(over):
-                col = victim(self.stored[w, :k], self.quota[w, :k], labels_t, require_excess=False)
-                self._count(w, col, -1, -1)
-                cut[self.labels[col]] = cut.get(self.labels[col], 0) + 1
-            self.load[w] -= over
-            evict[w] = cut
-        return evict
+        """See :meth:`RankRule.fit`."""
+        self._writable()
+        return super().fit()
 
     # ------------------------------------------------------------------ views
     def snapshot(self) -> CountsSnapshot:
@@ -387,13 +423,8 @@ class ClassLedger:
             counts[:, cols] = 0
         return counts
 
-    def unborn_since(self, labels: Sequence[int], step: int) -> bool:
-        """Whether none of ``labels`` had a stored sample before ``step``'s insertion."""
-        for c in labels:
-            col = self.col_of.get(int(c))
-            if col is not None and 0 <= int(self.born[col]) < step:
-                return False
-        return True
+    def _born(self, col: int) -> int:
+        return int(self.born[col])
 
     def class_counts(self, rank: Optional[int] = None) -> Dict[int, int]:
         return self.snapshot().class_counts(rank)
@@ -427,11 +458,7 @@ class ClassLedger:
                 "deals": self.deals, "hash": self.hash}
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["capacities"]) != self.capacities or int(state["budget"]) != self.budget:
-            raise ValueError("ledger state of another budget or world size")
-        self.__init__(self.budget, self.capacities, self.seed)
-        for label in state["labels"]:
-            self._add_class(int(label))
+        self._reset_for(state)
         k = self.num_classes
         self.n[:, :k] = state["n"]
         self.stored[:, :k] = state["stored"]

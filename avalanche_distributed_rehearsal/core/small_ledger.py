@@ -17,15 +17,14 @@ import torch
 from .deal import UNBOUNDED, deal
 from .deal_lists import LIST_DEAL_MAX
 from .deal_lists import deal as deal_lists
-from .ledger import (EVICT, FREE, RESERVOIR, ClassLedger, CountsSnapshot, Decisions, _MOD,
-                     _mix)
+from .ledger import RESERVOIR, ClassLedger, CountsSnapshot, Decisions, RankRule, _MOD, _mix
 from .seeding import CLASS_PRIORITY, derive_seed
 
 #: The tensor ledger serves more ranks than this.
 SMALL_WORLD = 16
 
 
-class SmallLedger:
+class SmallLedger(RankRule):
     """Every rank's per-class counts and quotas (see :class:`~.ledger.ClassLedger`), as
     lists indexed ``[rank][column]``."""
 
@@ -95,12 +94,8 @@ class SmallLedger:
             counts[:, cols] = 0
         return counts
 
-    def unborn_since(self, labels: Sequence[int], step: int) -> bool:
-        for c in labels:
-            col = self.col_of.get(int(c))
-            if col is not None and 0 <= self.born_list[col] < step:
-                return False
-        return True
+    def _born(self, col: int) -> int:
+        return self.born_list[col]
 
     def class_counts(self, rank: Optional[int] = None) -> Dict[int, int]:
         if rank is None:
@@ -237,30 +232,17 @@ class SmallLedger:
                 mine = decided
         return mine
 
-    def _insert_rank(self, w: int, cols: List[int], step: int) -> Decisions:
-        kinds, victims = [], []
-        cap = self.capacities[w]
-        stored, quota = self.stored_lists[w], self.quota_lists[w]
-        for col in cols:
-            if self.loads[w] < cap:
-                kinds.append(FREE)
-                victims.append(-1)
-                self._count(w, col, +1, step)
-                self.loads[w] += 1
-            elif stored[col] < quota[col]:
-                v = self._victim(w)
-                if v is None:
-                    kinds.append(RESERVOIR)
-                    victims.append(-1)
-                    continue
-                kinds.append(EVICT)
-                victims.append(self.labels[v])
-                self._count(w, v, -1, step)
-                self._count(w, col, +1, step)
-            else:
-                kinds.append(RESERVOIR)
-                victims.append(-1)
-        return Decisions(kinds, victims)
+    def _load(self, w: int) -> int:
+        return self.loads[w]
+
+    def _add_load(self, w: int, delta: int) -> None:
+        self.loads[w] += delta
+
+    def _stored(self, w: int, col: int) -> int:
+        return self.stored_lists[w][col]
+
+    def _quota(self, w: int, col: int) -> int:
+        return self.quota_lists[w][col]
 
     def _victim(self, w: int, require_excess: bool = True) -> Optional[int]:
         """The column a full rank ``w`` evicts from (see :func:`~.deal.victim`)."""
@@ -290,21 +272,6 @@ class SmallLedger:
         self.redeal()
         return self.fit()
 
-    def fit(self) -> Dict[int, Dict[int, int]]:
-        evict: Dict[int, Dict[int, int]] = {}
-        for w in range(self.world):
-            over = self.loads[w] - self.capacities[w]
-            if over <= 0:
-                continue
-            cut: Dict[int, int] = {}
-            for _ in range(over):
-                col = self._victim(w, require_excess=False)
-                self._count(w, col, -1, -1)
-                cut[self.labels[col]] = cut.get(self.labels[col], 0) + 1
-            self.loads[w] -= over
-            evict[w] = cut
-        return evict
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """The tensor ledger's state format (either ledger loads the other's)."""
@@ -322,11 +289,7 @@ class SmallLedger:
                 "experience": self.experience, "deals": self.deals, "hash": self.hash}
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["capacities"]) != self.capacities or int(state["budget"]) != self.budget:
-            raise ValueError("ledger state of another budget or world size")
-        self.__init__(self.budget, self.capacities, self.seed)
-        for label in state["labels"]:
-            self._add_class(int(label))
+        self._reset_for(state)
         self.n = state["n"].tolist()
         self.stored_lists = state["stored"].tolist()
         self.quota_lists = state["quota"].tolist()
