@@ -155,7 +155,12 @@ def main(argv=None) -> Dict:
                              "cuda uses NCCL and only world sizes <= the GPU count")
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per world size")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per rank (default: the cores shared out over the "
+                             "ranks); fewer leaves the buffer's worker a core of its own")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,7 +173,8 @@ def main(argv=None) -> Dict:
     results = {"meta": {"command": command.strip(), "smoke": args.smoke,
                         "date": datetime.datetime.now().isoformat(timespec="seconds"),
                         "machine": machine(device), "load_average_start": load_average(),
-                        "skipped": skipped, "sizes": sizes}}
+                        "skipped": skipped, "sizes": sizes,
+                        "threads_per_rank": args.threads}}  # None: cores // world
     start = time.perf_counter()
     for world, tasks in by_world.items():
         print(f"world size {world}: {', '.join(p for p, _ in tasks)}", flush=True)
@@ -176,6 +182,7 @@ def main(argv=None) -> Dict:
         backend = "nccl" if device == "cuda" else "gloo"
         needs_avalanche = any(p in AVALANCHE_PARTS for p, _ in tasks)
         per_rank = launch.spawn(run_tasks, world, tasks, backend=backend, timeout=args.timeout,
+                                threads=args.threads,
                                 preimport=["avalanche.training"] if needs_avalanche else [])
         for part, _ in tasks:
             # Timed figures are already maxima/means over ranks; memory is kept per rank.

@@ -58,7 +58,7 @@ def scaling(rank: int, world: int, cfg: dict) -> List[Dict]:
                                    buf.device, before=barrier_for(buf))["step"]
         n = state["i"]
         row = {"world": world, "shape": shape_name, "dtype": dtype_name, "r": r, "c": c,
-               "per_rank": buf.local_capacity, "row_bytes": buf.bytes_per_sample,
+               "per_rank": buf.local_capacity, "row_bytes": buf.bytes_per_sample, "steps": n,
                "step": summarize(max_over_ranks(samples)),
                "oversubscribed": world > (cfg.get("cores") or world), "device": str(buf.device)}
         for name in FIELDS:
