@@ -45,6 +45,9 @@ def _fail_together(status: int, timeout: float = 60.0) -> int:
     with an error. So each rank first makes SIGTERM exit with ``status``, then waits at a
     barrier (a gloo group of its own, at most ``timeout`` seconds) until every rank has
     done the same; after it, whichever rank exits first, the others exit with ``status``.
+    The process then ends at once (``os._exit``): Python restores the default SIGTERM
+    action while it shuts down, so a rank still finalising when the first one's exit
+    makes torchrun signal it would die with -15. (Under torchrun this never returns.)
     """
     import signal
 
@@ -65,7 +68,8 @@ def _fail_together(status: int, timeout: float = 60.0) -> int:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a rank that never came: exit anyway
         pass
-    return status
+    leave(signal.SIGTERM, None)
+    return status  # not reached
 
 
 def _usage_error(message: str, world: int) -> int:
