@@ -94,6 +94,8 @@ def test_skewed_split_bad_arguments():
     (["--world-sizes", "8", "--mem-sizes", "4"], "--mem-sizes"),
     (["--n-experiences", "3"], "--n-experiences"),
     (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "fast"], "--lr"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_study_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
@@ -113,6 +115,24 @@ def test_study_list_options_take_spaces_or_commas():
                     "--models", "cnn,cnn_gn", "--scaling", "strong,weak"])
     assert a == b and a.world_sizes == (1, 2) and a.models == ("cnn", "cnn_gn")
     assert a.scalings == ("strong", "weak") and a.seeds == (0, 1, 2)
+
+
+def test_study_passes_its_training_options_to_every_run():
+    """--epochs, --n-experiences and --lr reach the main job's command line of every run
+    (and so the settings a finished run must match to be skipped)."""
+    from avalanche_distributed_rehearsal.app.cli import parse_args as main_args
+    from avalanche_distributed_rehearsal.app.study import parse_args
+    from avalanche_distributed_rehearsal.app.study_grid import plan
+
+    cfg = parse_args(["--world-sizes", "1,2", "--rank-splits", "iid", "--seeds", "0",
+                      "--epochs", "2", "--lr", "0.01", "--methods", "ours"])
+    runs = plan(cfg)
+    assert runs
+    for spec in runs:
+        main = main_args(spec.argv(cfg, "out"))
+        assert (main.epochs, main.lr, main.n_experiences) == (2, 0.01, 5)
+    default = parse_args(["--world-sizes", "1", "--rank-splits", "iid", "--seeds", "0"])
+    assert main_args(plan(default)[0].argv(default, "out")).lr == 0.05
 
 
 def test_study_grid_shares_runs_between_scalings():

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="the main job's --dataset (default digits)")
     p.add_argument("--data-root", default=None, help="the main job's --data-root")
     p.add_argument("--epochs", default=None, help=f"epochs per experience (default {d.epochs})")
+    p.add_argument("--lr", default=None, help=f"the main job's SGD learning rate (default {d.lr})")
     p.add_argument("--batch-size", default=None, help=f"b, new samples per step (default {DEFAULT_BATCH['strong']} strong, {DEFAULT_BATCH['weak']} weak)")
     p.add_argument("--n-experiences", default=None, help=f"experiences (default {d.n_experiences})")
     p.add_argument("--threads", default=None, help=f"torch threads per rank (default {d.threads})")
@@ -159,6 +160,8 @@ def parse_args(argv: Optional[List[str]] = None) -> StudyConfig:
         value = getattr(a, attr)
         if value is not None:
             setattr(cfg, attr, _int(name, value, 1))
+    if a.lr is not None:
+        cfg.lr = _float("--lr", a.lr, 0.0, strict=True)
     if a.run_timeout is not None:
         cfg.run_timeout = _float("--run-timeout", a.run_timeout, 0.0, strict=True)
     if a.output_dir is not None:

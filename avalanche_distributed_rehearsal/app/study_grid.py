@@ -68,6 +68,7 @@ class StudyConfig:
     dataset: str = "digits"
     data_root: str = "data"
     epochs: int = 10
+    lr: float = 0.05  # the main job's default
     n_experiences: int = 5
     threads: int = 1
     run_timeout: float = 1800.0
@@ -110,6 +111,7 @@ class RunSpec:
         """The main job's command line for this run, writing into ``out``."""
         return ["--dataset", cfg.dataset, "--data-root", cfg.data_root, "--model", self.model,
                 "--n-experiences", str(cfg.n_experiences), "--epochs", str(cfg.epochs),
+                "--lr", repr(cfg.lr),
                 "--batch-size", str(self.batch), "--mem-size", str(self.mem_size),
                 "--replay-batch-size", str(self.replay), "--sampling", self.sampling,
                 "--rank-split", self.split, "--skew", str(cfg.skew), "--seed", str(self.seed),

@@ -128,7 +128,7 @@ def collect(cfg, runs, root: str) -> Tuple[Dict[tuple, dict], Dict[str, dict]]:
                 "mem_size": key[5], "replay_mb": key[6], "sampling": key[7],
                 "batch_per_rank": point.per_rank(cfg.batch_sizes[point.scaling]),
                 "replay_per_rank": None if key[6] is None else point.per_rank(point.replay),
-                "dataset": cfg.dataset, "epochs": cfg.epochs,
+                "dataset": cfg.dataset, "epochs": cfg.epochs, "lr": cfg.lr,
                 "batch_size": cfg.batch_sizes[point.scaling],
                 "n_experiences": cfg.n_experiences, "per_seed": {}})
             cell["per_seed"][str(point.seed)] = _seed_entry(res, run_id)
@@ -323,7 +323,7 @@ def markdown(doc: dict) -> str:
     acc = lambda s: _pm(s, 100)  # noqa: E731
     lines = [
         f"# Trade-off study: {cfg['dataset']}, {cfg['n_experiences']} experiences, "
-        f"{cfg['epochs']} epochs per experience",
+        f"{cfg['epochs']} epochs per experience, SGD learning rate {cfg.get('lr', 0.05)}",
         "",
         *[x for s in cfg["scalings"] for x in (_scaling_sentence(cfg, s), "")],
         f"World sizes {cfg['world_sizes']}, models {cfg['models']}, M {cfg['mem_sizes']}, "
