@@ -16,7 +16,7 @@ from .metadata import StepContext
 from .overlap import INLINE, WORKER, OverlapChooser
 from .records import INPUT, LABEL, TASK, as_record
 from .seeding import CANDIDATES, derive_seed
-from .validation import check_int
+from .validation import check_async_mode, check_int
 from .worker import BackgroundWorker
 
 Representatives = Dict[str, torch.Tensor]
@@ -104,8 +104,7 @@ class RehearsalPipeline:
         self.num_candidates = num_candidates
         buffer.max_candidates = num_candidates
         buffer.step_r = batch_size_mem
-        if not (isinstance(async_mode, bool) or (isinstance(async_mode, str) and async_mode == "auto")):
-            raise ValueError(f"async_mode must be True, False or 'auto', got {async_mode!r}")
+        check_async_mode(async_mode)
         self.async_mode = bool(async_mode)  # a worker thread exists
         #: with async_mode="auto": measures which mode is faster (see :mod:`~.overlap`)
         self.chooser: Optional[OverlapChooser] = OverlapChooser() if async_mode == "auto" else None

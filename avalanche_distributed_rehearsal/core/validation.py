@@ -23,6 +23,13 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_async_mode(value, error: type = ValueError):
+    """``value`` if it is ``True``, ``False`` or ``"auto"``, else ``error`` naming it."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise error(f"async_mode must be True, False or 'auto', got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

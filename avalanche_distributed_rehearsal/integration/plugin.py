@@ -10,7 +10,7 @@ from avalanche.core import SupervisedPlugin
 
 from ..core import RehearsalPipeline, StepContext
 from ..core.records import INPUT
-from ..core.validation import check_int
+from ..core.validation import check_async_mode, check_int
 from .batches import BatchFields
 from .storage_policy import DistributedRehearsalBuffer, _world
 
@@ -140,8 +140,7 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
             check_int("batch_size_mem", batch_size_mem, 0)
         if num_candidates is not None:
             check_int("num_candidates", num_candidates, 0)
-        if not (isinstance(async_mode, bool) or (isinstance(async_mode, str) and async_mode == "auto")):
-            raise TypeError(f"async_mode must be True, False or 'auto', got {async_mode!r}")
+        check_async_mode(async_mode, TypeError)
         for name, flag in (("replay_new_classes", replay_new_classes), ("merge_replay", merge_replay)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
