@@ -389,7 +389,8 @@ def test_plugin_state_dict_round_trip_and_bad_state(bench):
 
 
 def test_the_job_in_flight_outlives_train_and_readers_wait_for_it(bench):
-    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=4, num_candidates=8)
+    plugin = DistributedReplayPlugin(mem_size=60, batch_size_mem=4, num_candidates=8,
+                                     async_mode=True)  # auto's last step may be inline
     strategy = make(Naive, [plugin])
     strategy.train(bench.train_stream[0])
     pipeline = plugin.pipeline

@@ -8,19 +8,25 @@ import pytest
 import torch
 
 from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
-from avalanche_distributed_rehearsal.core.overlap import INLINE, WORKER, OverlapChooser
+from avalanche_distributed_rehearsal.core.overlap import (INLINE, WORKER, OverlapChooser,
+                                                          median_and_error)
 from dist_harness import run_ranks
 
 
-def drive(chooser, seconds_of):
-    """Run the chooser over fake steps whose length depends on the mode; return the modes."""
+def drive(chooser, seconds_of, steps=200, choices=None):
+    """Run the chooser over fake steps whose length depends on the mode (a dict, or a
+    function of the mode and the step); return the modes. ``choices``, a list, receives
+    the mode chosen at the end of every cycle."""
     now, modes = 0.0, []
-    for _ in range(200):
+    for step in range(steps):
         chooser.tick(now)
         mode = chooser.mode()
+        made = chooser.choices
         chooser.offered(mode)
+        if choices is not None and chooser.choices > made:
+            choices.append(chooser.chosen)
         modes.append(mode)
-        now += seconds_of[mode]
+        now += seconds_of(mode, step) if callable(seconds_of) else seconds_of[mode]
     return modes
 
 
@@ -37,12 +43,104 @@ def test_chooser_keeps_the_faster_mode_and_measures_again():
     modes = drive(chooser, {WORKER: 1.0, INLINE: 3.0})
     assert modes[10:20] == [WORKER] * 10
     chooser = OverlapChooser(probe=4, hold=10, warmup=2)
-    assert drive(chooser, {WORKER: 1.0, INLINE: 1.0})[10:20] == [WORKER] * 10  # a tie: the worker
+    assert drive(chooser, {WORKER: 1.0, INLINE: 1.0})[10:20] == [INLINE] * 10  # a tie: inline
+
+
+def test_chooser_measures_the_modes_in_balanced_blocks():
+    chooser = OverlapChooser(probe=6, hold=5, warmup=1, block=2)
+    modes = drive(chooser, {WORKER: 1.0, INLINE: 1.0}, steps=1 + 12 + 5 + 12)
+    probe = [WORKER] * 2 + [INLINE] * 4 + [WORKER] * 4 + [INLINE] * 2  # W I I W W I
+    assert modes[1:13] == probe and modes[18:30] == probe
+
+
+@pytest.mark.parametrize("worker_seconds, chosen", [(0.99, INLINE), (0.975, INLINE),
+                                                    (0.96, WORKER), (0.5, WORKER)])
+def test_chooser_keeps_the_worker_only_when_it_is_faster_by_the_margin(worker_seconds, chosen):
+    """margin=0.03: the worker must save more than 3 % of the inline step to be kept."""
+    chooser = OverlapChooser(probe=8, hold=20, warmup=0, block=2, margin=0.03)
+    modes = drive(chooser, {WORKER: worker_seconds, INLINE: 1.0}, steps=16 + 20)
+    assert chooser.chosen == chosen and modes[16:] == [chosen] * 20
+
+
+def test_chooser_is_not_fooled_by_a_machine_that_slows_down():
+    """Both modes cost the same, but every step is slower than the one before (e.g. a
+    neighbour's load growing): measured one after the other, the mode measured first
+    would look faster; measured in alternating blocks, neither is faster by the margin."""
+    def seconds(mode, step):
+        return 1.0 + 0.01 * step
+
+    blocks = OverlapChooser(probe=16, hold=8, warmup=0, block=4)
+    drive(blocks, seconds, steps=32)
+    assert blocks.chosen == INLINE
+    one_after_the_other = OverlapChooser(probe=16, hold=8, warmup=0, block=16)
+    drive(one_after_the_other, seconds, steps=32)
+    assert one_after_the_other.chosen == WORKER  # the bias the blocks remove
+
+
+def test_chooser_keeps_inline_when_noise_hides_the_difference():
+    """Steps that vary by +-40 %: a worker 5 % faster, or no faster at all, cannot be told
+    apart by 16 steps each way, and inline is kept in nearly every cycle (by the margin
+    alone the worker would be kept in about half of them, a third with equal modes); a
+    worker twice as fast is always kept."""
+    rng = random.Random(0)
+
+    def noisy(worker_factor, spread):
+        return lambda mode, step: (worker_factor if mode == WORKER else 1.0) * (
+            1.0 + spread * (2 * rng.random() - 1))
+
+    for factor in (0.95, 1.0):
+        chosen = []
+        drive(OverlapChooser(probe=16, hold=0, warmup=0), noisy(factor, 0.4), 100 * 32, chosen)
+        assert len(chosen) == 100 and chosen.count(WORKER) <= 8
+    chosen = []
+    drive(OverlapChooser(probe=16, hold=0, warmup=0), noisy(0.5, 0.4), 20 * 32, chosen)
+    assert chosen == [WORKER] * 20
+
+
+def test_median_error_matches_the_spread_of_medians():
+    """The standard error estimated from one sample's quartiles is, on average, within
+    15 % of the observed spread of the median over many samples (normal steps, n = 16)."""
+    rng = random.Random(1)
+    medians, errors = [], []
+    for _ in range(2000):
+        samples = [rng.gauss(10.0, 1.0) for _ in range(16)]
+        m, e = median_and_error(samples)
+        medians.append(m)
+        errors.append(e)
+    mean = sum(medians) / len(medians)
+    observed = (sum((m - mean) ** 2 for m in medians) / (len(medians) - 1)) ** 0.5
+    assert abs(sum(errors) / len(errors) / observed - 1) < 0.15
+    assert median_and_error([3.0]) == (3.0, float("inf"))
+
+
+def test_chooser_follows_the_agreed_vote():
+    """With ``agree``, the chooser holds what the ranks agreed, not its own vote."""
+    votes = []
+
+    def nobody_else_wants_the_worker(vote):
+        votes.append(vote)
+        return False
+
+    chooser = OverlapChooser(probe=4, hold=10, warmup=0, agree=nobody_else_wants_the_worker)
+    modes = drive(chooser, {WORKER: 0.5, INLINE: 1.0}, steps=8 + 10)
+    assert votes == [True] and chooser.chosen == INLINE and modes[8:] == [INLINE] * 10
+    chooser = OverlapChooser(probe=4, hold=10, warmup=0, agree=lambda vote: vote)
+    assert drive(chooser, {WORKER: 0.5, INLINE: 1.0}, steps=18)[8:] == [WORKER] * 10
 
 
 def test_chooser_refuses_bad_settings():
     with pytest.raises(ValueError, match="probe"):
         OverlapChooser(probe=0)
+    with pytest.raises(ValueError, match="block"):
+        OverlapChooser(probe=16, block=5)
+    with pytest.raises(ValueError, match="block"):
+        OverlapChooser(block=0)
+    with pytest.raises(ValueError, match="margin"):
+        OverlapChooser(margin=1.0)
+    with pytest.raises(ValueError, match="margin"):
+        OverlapChooser(margin=-0.1)
+    with pytest.raises(ValueError, match="z must"):
+        OverlapChooser(z=-1)
 
 
 def batch(step, b=12, classes=6):
@@ -96,6 +194,70 @@ def _two_ranks(rank, world):
 @pytest.mark.timeout(180)
 def test_ranks_that_choose_different_modes_equal_sync_on_two_ranks():
     assert run_ranks(_two_ranks, 2, timeout=150) == [True, True]
+
+
+class FixedVote(OverlapChooser):
+    """Votes ``votes[k]`` at its k-th choice, whatever it measured."""
+
+    def __init__(self, votes, agree):
+        super().__init__(probe=2, hold=3, warmup=1, block=1, agree=agree)
+        self.votes = list(votes)
+
+    def vote(self):
+        return self.votes[self.choices]
+
+
+def _ranks_vote(rank, world, votes_of):
+    """Every rank runs auto with its own votes; returns the modes its jobs ran in."""
+    buf = ShardedRehearsalBuffer(30, seed=3)
+    pipe = RehearsalPipeline(buf, batch_size_mem=5, num_candidates=4, async_mode="auto")
+    chooser = pipe.chooser = FixedVote(votes_of[rank], pipe._agree_on_worker)
+    modes, outs = [], []
+    for i in range(1 + 4 * 7):  # warm-up, then 4 cycles of 2 + 2 probes and 3 held steps
+        modes.append(chooser.mode())
+        outs.append(pipe.augment(*batch(i * world + rank)))
+    pipe.close()
+    sync = run(rank, world, False, len(outs))
+    same(([torch.cat([x, y.unsqueeze(1).float()], 1) for x, y, _ in outs], buf.local_tensors()),
+         sync)
+    return [m for k, m in enumerate(modes) if k >= 5 and (k - 5) % 7 < 3]  # the held steps
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_hold_the_mode_they_agreed_the_worker_only_if_every_rank_voted_for_it(world):
+    """Randomized votes per rank and choice: on every rank the held steps run in the
+    same mode, the worker exactly when every rank voted for it; results equal sync."""
+    rng = random.Random(world)
+    votes_of = [[True, True] + [rng.random() < 0.7 for _ in range(2)] for _ in range(world)]
+    votes_of[rng.randrange(world)][0] = False  # every vote but one for the worker: inline
+    held = run_ranks(_ranks_vote, world, votes_of, timeout=150)
+    expected = []
+    for k in range(4):
+        expected += [WORKER if all(v[k] for v in votes_of) else INLINE] * 3
+    assert all(h == expected for h in held), (votes_of, held)
+    assert expected[:6] == [INLINE] * 3 + [WORKER] * 3
+
+
+def _mixed_auto(rank, world):
+    buf = ShardedRehearsalBuffer(30, seed=3)
+    pipe = RehearsalPipeline(buf, batch_size_mem=5, num_candidates=4,
+                             async_mode="auto" if rank == 0 else False)
+    try:
+        pipe.augment(*batch(rank))
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        pipe.close()
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_auto_on_some_ranks_only_is_refused_on_every_rank_at_the_first_step():
+    """auto votes collectively, so a rank without it would leave the others waiting:
+    the step's header check refuses the mix on every rank, naming async_mode."""
+    errors = run_ranks(_mixed_auto, 2, timeout=100)
+    assert all(e is not None and "async_mode='auto' on some ranks only" in e for e in errors)
 
 
 def test_auto_picks_inline_when_the_worker_is_slower(monkeypatch):

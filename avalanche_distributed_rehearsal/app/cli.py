@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mem-size", type=str, default=str(d.mem_size), help="M: buffer budget: global for ours, ours_local, der, er_ace and stock_replay_equal (M / N per rank), per rank for stock_replay, stock_der and stock_er_ace (default 200)")
     g.add_argument("--replay-batch-size", type=str, default=None, help="r: replayed samples per step for every replay method (default: twice --batch-size)")
     g.add_argument("--sampling", default=d.sampling, help="ours: uniform or class_balanced (default)")
-    g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline (default: on the background worker or inline, whichever gives shorter steps, measured)")
+    g.add_argument("--sync", action="store_true", help="ours: do the buffer work inline (default: measured, on the background worker only where it makes steps measurably shorter)")
     g.add_argument("--augment", action="store_true", help="augment every training batch on the device, replayed rows included (re-augmented at every draw): random shifts for digits and MNIST, crop with padding + horizontal flip for Fashion-MNIST and 32x32 images; evaluation is never augmented")
     g.add_argument("--store-dtype", default=d.store_dtype, help="float32 (default): inputs as normalised float32; uint8: the data set yields its raw integer pixels as uint8 (digits: 0..16, images: 0..255), our buffers store and exchange them as uint8 (4x less memory than float32) and a transform on the device divides them into [0, 1] (the model sees the same values)")
     g.add_argument("--der-alpha", type=str, default=str(d.der_alpha), help="der, stock_der: weight of the logit-matching (MSE) term (default 0.1)")

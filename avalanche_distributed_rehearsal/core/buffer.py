@@ -184,6 +184,9 @@ class ShardedRehearsalBuffer:
         self.max_candidates = 0
         #: Representatives per step of the pipeline's steps (part of :meth:`public_config`).
         self.step_r = 0
+        #: Whether the pipeline's ``async_mode="auto"`` votes on each choice of mode with
+        #: the other ranks (a collective; set by the pipeline, agreed by every rank).
+        self.votes_on_overlap = False
         self.last_exchange = ExchangeStats()
         self.last_draw: Optional[DrawRecord] = None
         self.last_written = 0  # rows the last step wrote into this shard
@@ -213,11 +216,14 @@ class ShardedRehearsalBuffer:
 
     def _config_digest(self) -> int:
         """Digest of everything every rank must share at every step: the public settings,
-        and the pipeline's step shape (representatives and candidates per step)."""
-        key = (self.mem_size, self.max_candidates, self.step_r, tuple(sorted(self.config.items())))
+        the pipeline's step shape (representatives and candidates per step) and whether
+        its ``async_mode="auto"`` votes with the other ranks."""
+        key = (self.mem_size, self.max_candidates, self.step_r, self.votes_on_overlap,
+               tuple(sorted(self.config.items())))
         cached = getattr(self, "_config_cache", None)
         if cached is None or cached[0] != key:
-            shape = {"max_candidates": self.max_candidates, "step_r": self.step_r}
+            shape = {"max_candidates": self.max_candidates, "step_r": self.step_r,
+                     "votes_on_overlap": self.votes_on_overlap}
             cached = self._config_cache = (key, digest([self.public_config(), shape]))
         return cached[1]
 

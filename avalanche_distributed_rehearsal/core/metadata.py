@@ -187,8 +187,9 @@ def check_agreement(heads: List[Header], rank: int) -> None:
                 "same length; a custom data loader must do the same)")
     if len({h.config for h in heads}) > 1:
         raise RuntimeError("ranks passed different buffer configurations (mem_size, "
-                           "sampling, seed, batch_size_mem, num_candidates or nonfinite "
-                           "differ between ranks); every rank must use the same ones")
+                           "sampling, seed, batch_size_mem, num_candidates, nonfinite, or "
+                           "async_mode='auto' on some ranks only, differ between ranks); "
+                           "every rank must use the same ones")
     if len({(h.now, h.next) for h in heads}) > 1:
         raise RuntimeError("ranks excluded different classes from the draw; every rank "
                            "must pass the same excluded labels at the same step")

@@ -11,27 +11,66 @@ running it inline. Both give the same results, bit for bit, so
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 WORKER, INLINE = "worker", "inline"
+
+
+def median_and_error(samples: Sequence[float]) -> Tuple[float, float]:
+    """``(median, standard error of the median)`` of ``samples``, the error from their
+    interquartile range as for a normal law (sigma = IQR / 1.349, error = 1.2533 sigma /
+    sqrt(n)), so that a few outliers (a step that started an experience) do not inflate
+    it. The error is infinite with fewer than two samples."""
+    n = len(samples)
+    median = statistics.median(samples)
+    if n < 2:
+        return median, math.inf
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return median, 1.2533 * (q3 - q1) / 1.349 / math.sqrt(n)
 
 
 class OverlapChooser:
     """Chooses the mode of each step's job from the training thread's time per step.
 
-    A cycle: ``probe`` steps with the job on the worker, ``probe`` steps inline, then
-    ``hold`` steps in the mode whose median time per step was lower (the worker on a
-    tie), then again. A step's time is from the end of one :meth:`tick` to the end of the
-    next: the training thread's whole step, its job (inline) or the wait for it (worker)
-    included. The first ``warmup`` steps run on the worker and are not measured.
+    A cycle: ``2 * probe`` measured steps in blocks of ``block`` steps, the modes in the
+    order worker, inline, inline, worker, worker, inline, ... (a drift of the machine's
+    speed during the probe, linear in time, falls on both modes alike); then ``hold``
+    steps in the mode chosen; then again. The worker is chosen only when its median time
+    per step is below ``1 - margin`` times the inline median *and* the two medians differ
+    by more than ``z`` standard errors of their difference (estimated from the probe's
+    own spread, :func:`median_and_error`). The worker costs a thread, copies of the
+    candidates and a hand-over per step, so on a near-tie, or where steps vary too much
+    for the probe to tell the modes apart, the job runs inline: the synchronous
+    pipeline's steps exactly.
+
+    With ``agree`` (the pipeline's, under ``torch.distributed``), each rank's choice is
+    a vote: ``agree(vote)`` returns the mode every rank must use (the worker only if every
+    rank voted for it), since a step is as slow as its slowest rank and ranks that mix
+    modes wait for each other at both the buffer's collective and the gradients'.
+
+    A step's time is from the end of one :meth:`tick` to the end of the next: the
+    training thread's whole step, its job (inline) or the wait for it (worker) included.
+    The first ``warmup`` steps run on the worker and are not measured; until the first
+    choice the held mode is the worker.
     """
 
-    def __init__(self, probe: int = 16, hold: int = 480, warmup: int = 4):
+    def __init__(self, probe: int = 16, hold: int = 480, warmup: int = 4, block: int = 4,
+                 margin: float = 0.03, z: float = 2.0,
+                 agree: Optional[Callable[[bool], bool]] = None):
         if probe < 1 or hold < 0 or warmup < 0:
             raise ValueError("probe must be >= 1, hold and warmup >= 0")
+        if block < 1 or probe % block:
+            raise ValueError(f"block must be >= 1 and divide probe={probe}, got {block}")
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+        if not z >= 0.0:
+            raise ValueError(f"z must be >= 0, got {z!r}")
         self.probe, self.hold, self.warmup = probe, hold, warmup
+        self.block, self.margin, self.z = block, float(margin), float(z)
+        self.agree = agree
         self.samples: Dict[str, List[float]] = {WORKER: [], INLINE: []}
         self.chosen = WORKER
         self.choices = 0  # how many cycles ended
@@ -44,12 +83,9 @@ class OverlapChooser:
         s = self._step - self.warmup
         if s < 0:
             return WORKER
-        cycle = 2 * self.probe + self.hold
-        s %= cycle
-        if s < self.probe:
-            return WORKER
+        s %= 2 * self.probe + self.hold
         if s < 2 * self.probe:
-            return INLINE
+            return WORKER if (s // self.block) % 4 in (0, 3) else INLINE
         return self.chosen
 
     def tick(self, now: Optional[float] = None) -> None:
@@ -63,17 +99,27 @@ class OverlapChooser:
         """The job of the current step was run in ``mode``; advance to the next step."""
         self._last_mode = mode if self._probing() else None
         self._step += 1
-        s = self._step - self.warmup
-        if s > 0 and s % (2 * self.probe + self.hold) == 2 * self.probe:
+        s = self._step - self.warmup - 2 * self.probe  # the probe of a cycle has ended
+        if s >= 0 and s % (2 * self.probe + self.hold) == 0:
             self._choose()
 
     def _probing(self) -> bool:
         s = self._step - self.warmup
         return s >= 0 and s % (2 * self.probe + self.hold) < 2 * self.probe
 
-    def _choose(self) -> None:
+    def vote(self) -> bool:
+        """Whether this rank's probe found the worker faster (by the margin and beyond
+        the noise); with no samples of a mode, the mode held so far."""
         worker, inline = self.samples[WORKER], self.samples[INLINE]
-        if worker and inline:
-            self.chosen = WORKER if statistics.median(worker) <= statistics.median(inline) else INLINE
+        if not (worker and inline):
+            return self.chosen == WORKER
+        (w, w_err), (i, i_err) = median_and_error(worker), median_and_error(inline)
+        return w < (1.0 - self.margin) * i and i - w > self.z * math.hypot(w_err, i_err)
+
+    def _choose(self) -> None:
+        faster = self.vote()
+        if self.agree is not None:  # collective: every rank reaches it at the same step
+            faster = self.agree(faster)
+        self.chosen = WORKER if faster else INLINE
         self.samples = {WORKER: [], INLINE: []}
         self.choices += 1

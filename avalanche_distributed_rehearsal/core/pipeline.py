@@ -49,9 +49,10 @@ class RehearsalPipeline:
     candidates can be drawn from step ``i + 2`` on (``R_{i+1}`` is planned before they are
     inserted). ``async_mode=False`` runs the job inline instead; for the same seed both
     modes produce the same shards and the same batches, bit for bit. ``async_mode="auto"``
-    measures the training thread's time per step in both and keeps the faster, measuring
-    again every 512 steps (:class:`~.overlap.OverlapChooser`): the worker hides the work
-    only where the machine has room for it (a GPU, a free core, a collective to wait on).
+    measures the training thread's time per step in both and keeps the worker only when
+    it is measurably faster (else inline), measuring again every 512 steps
+    (:class:`~.overlap.OverlapChooser`): the worker hides the work only where the machine
+    has room for it (a GPU, a free core, a collective to wait on).
 
     **Collectives.** A job is one collective on the buffer's payload group, which carries
     every rank's step metadata (header and candidate keys) and the representatives'
@@ -106,8 +107,12 @@ class RehearsalPipeline:
         buffer.step_r = batch_size_mem
         check_async_mode(async_mode)
         self.async_mode = bool(async_mode)  # a worker thread exists
-        #: with async_mode="auto": measures which mode is faster (see :mod:`~.overlap`)
-        self.chooser: Optional[OverlapChooser] = OverlapChooser() if async_mode == "auto" else None
+        #: with async_mode="auto": measures which mode is faster (see :mod:`~.overlap`);
+        #: every rank votes, so that all run their jobs in the same mode
+        self.chooser: Optional[OverlapChooser] = None
+        if async_mode == "auto":
+            self.chooser = OverlapChooser(agree=self._agree_on_worker)
+        buffer.votes_on_overlap = self.chooser is not None
         self.seed = buffer.seed if seed is None else seed
         self.step = 0
         if timeout is None:
@@ -128,6 +133,13 @@ class RehearsalPipeline:
         self.last_representatives = 0
         self.last_draw: Optional[DrawRecord] = None
         self.redraws = 0  # representatives re-drawn because the exclusion changed in effect
+
+    def _agree_on_worker(self, vote: bool) -> bool:
+        """Whether every rank voted for the worker (a collective on the buffer's metadata
+        group, called by the chooser from :meth:`offer` at the same step on every rank,
+        when no job is in flight)."""
+        votes = self.buffer.exchange.all_reduce_sum(torch.tensor([int(vote)], dtype=torch.int64))
+        return int(votes) == self.buffer.world_size
 
     # ------------------------------------------------------------------ exclusion ahead
     def _excluded_at(self, offset: int) -> tuple:

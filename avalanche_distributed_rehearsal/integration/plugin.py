@@ -50,11 +50,12 @@ class DistributedReplayPlugin(SupervisedPlugin, supports_distributed=True):
         sampling: ``"uniform"``, ``"class_balanced"``, ``"local"`` or a core ``Sampler``
             (see :class:`DistributedRehearsalBuffer`).
         async_mode: ``"auto"`` (default): the buffer work runs on the background worker
-            or inline, whichever gives the shorter training steps, measured every 512
-            steps (the worker hides the work only where the machine has room for it: a
-            GPU, a core the model's threads leave free, a collective to wait on); True:
-            always on the worker; False: always inline. All give bit-identical results
-            for the same seed.
+            or inline, measured every 512 steps: the worker only while its training
+            steps are measurably (and more than 3 %) shorter, inline otherwise (the
+            worker hides the work only where the machine has room for it: a GPU, a core
+            the model's threads leave free, a collective to wait on); True: always on the
+            worker; False: always inline. All give bit-identical results for the same
+            seed.
         seed: the same on every rank.
         device: where shards live; None follows the strategy's device.
         storage_policy: an existing :class:`DistributedRehearsalBuffer` to use (its
