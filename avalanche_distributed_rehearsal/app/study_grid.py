@@ -23,7 +23,7 @@ import os
 import platform
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .cli import DATASET_CLASSES, METHODS
+from .cli import DATASET_CLASSES, METHODS, Config
 
 SCALINGS = ("strong", "weak")
 
@@ -68,7 +68,7 @@ class StudyConfig:
     dataset: str = "digits"
     data_root: str = "data"
     epochs: int = 10
-    lr: float = 0.05  # the main job's default
+    lr: float = Config.lr  # the main job's default
     n_experiences: int = 5
     threads: int = 1
     run_timeout: float = 1800.0

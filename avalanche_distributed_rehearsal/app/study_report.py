@@ -25,7 +25,7 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .study_grid import (NO_BUFFER, NO_SAMPLING, environment, load_run, points,
+from .study_grid import (NO_BUFFER, NO_SAMPLING, StudyConfig, environment, load_run, points,
                          write_json_atomic, write_text_atomic)
 
 SCHEMA = 2
@@ -323,7 +323,7 @@ def markdown(doc: dict) -> str:
     acc = lambda s: _pm(s, 100)  # noqa: E731
     lines = [
         f"# Trade-off study: {cfg['dataset']}, {cfg['n_experiences']} experiences, "
-        f"{cfg['epochs']} epochs per experience, SGD learning rate {cfg.get('lr', 0.05)}",
+        f"{cfg['epochs']} epochs per experience, SGD learning rate {cfg.get('lr', StudyConfig.lr)}",
         "",
         *[x for s in cfg["scalings"] for x in (_scaling_sentence(cfg, s), "")],
         f"World sizes {cfg['world_sizes']}, models {cfg['models']}, M {cfg['mem_sizes']}, "
