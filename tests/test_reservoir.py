@@ -7,6 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from avalanche_distributed_rehearsal.core import ClassLedger, LocalReservoir, SmallLedger
+from avalanche_distributed_rehearsal.core.deal import UNBOUNDED
 from avalanche_distributed_rehearsal.core.ledger import FREE
 
 
@@ -156,6 +157,90 @@ def equal_ledgers(a, b):
             assert torch.equal(sa[key], sb[key]), key
         else:
             assert sa[key] == sb[key], key
+
+
+def test_list_ledger_reuses_its_last_deal_only_for_the_same_inputs(monkeypatch):
+    """Online continual learning (a new experience every step, reviving its classes)
+    re-deals the same inputs again and again: the list ledger reuses its last deal then.
+    Its quotas and decisions stay those of a ledger that deals every time and of the
+    tensor ledger, through class arrivals, classes below and at their targets, full
+    shards and a budget change."""
+    from avalanche_distributed_rehearsal.core import small_ledger
+    dealt = []
+    real = small_ledger.deal_lists
+
+    def counting(*args, **kwargs):
+        dealt.append(1)
+        return real(*args, **kwargs)
+
+    class DealsEveryTime(SmallLedger):
+        def _deal_lists(self, ub, weights, targets, rank):
+            return real(self.capacities, ub, weights, targets, rank, current=self.quota_lists)
+
+    monkeypatch.setattr(small_ledger, "deal_lists", counting)
+    rng = random.Random(7)
+    redeals = 0
+    for case in range(12):
+        world = rng.randint(1, 4)
+        budget = rng.choice([world * 3, 24, 40, 200])  # 200: classes long below their targets
+        caps = [budget // world + (w < budget % world) for w in range(world)]
+        ledgers = [SmallLedger(budget, caps, case), DealsEveryTime(budget, caps, case),
+                   ClassLedger(budget, caps, case)]
+        deals_before = ledgers[0].deals
+        # each rank sees its own classes of each 20-step segment, mostly as many per step
+        owned = [rng.sample([0, 1], rng.randint(1, 2)) for _ in range(world)]
+        usual = [rng.randint(0, 4) for _ in range(world)]
+        for step in range(80):
+            counts = torch.tensor([rng.randint(0, 4) if rng.random() < 0.1 else usual[w]
+                                   for w in range(world)])
+            keys = torch.full((world, 4), -1, dtype=torch.int64)
+            for w in range(world):
+                for i in range(int(counts[w])):
+                    keys[w, i] = step // 20 * 2 + owned[w][i % len(owned[w])]
+            rank = rng.randrange(world)
+            decided = [ledger.apply(keys, counts, step, rank, experience=step)
+                       for ledger in ledgers]
+            assert all((d.kinds, d.victims) == (decided[0].kinds, decided[0].victims)
+                       for d in decided), (case, step)
+            quotas = [[ledger.quotas(w) for w in range(world)] for ledger in ledgers]
+            assert quotas[0] == quotas[1] == quotas[2], (case, step)
+            if step == 50:
+                grown = budget + world
+                caps = [grown // world + (w < grown % world) for w in range(world)]
+                fits = [ledger.resize(grown, caps) for ledger in ledgers]
+                assert fits[0] == fits[1] == fits[2]
+        equal_ledgers(ledgers[0], ledgers[2])
+        redeals += ledgers[0].deals - deals_before
+    assert len(dealt) < 0.8 * redeals, (redeals, len(dealt))  # the memo served many deals
+
+
+def test_list_ledger_deals_anew_when_any_input_of_the_deal_changes():
+    """The reused deal is keyed on every input of the deal: the capacities and the
+    current quotas (its tie-breaks) as much as the bounds, weights and targets."""
+    from avalanche_distributed_rehearsal.core.deal_lists import deal as deal_lists
+    rng = random.Random(11)
+    differed = {"capacities": 0, "current": 0}
+    for case in range(300):
+        world, k = rng.randint(1, 3), rng.randint(1, 4)
+        ledger = SmallLedger(12, [4] * world, case)
+        ub = [[rng.choice([0, 2, 5, UNBOUNDED]) for _ in range(k)] for _ in range(world)]
+        weights = [[rng.randint(0, 5) for _ in range(k)] for _ in range(world)]
+        targets = [rng.randint(0, 6) for _ in range(k)]
+        rank = rng.sample(range(k), k)
+        for change in ("capacities", "current"):
+            ledger.capacities = [rng.randint(1, 6) for _ in range(world)]
+            ledger.quota_lists = [[rng.randint(0, 4) for _ in range(k)] for _ in range(world)]
+            first = ledger._deal_lists(ub, weights, targets, rank)
+            if change == "capacities":
+                ledger.capacities = [c + rng.randint(-1, 2) for c in ledger.capacities]
+            else:
+                ledger.quota_lists = [[rng.randint(0, 4) for _ in range(k)]
+                                      for _ in range(world)]
+            expected = deal_lists(ledger.capacities, ub, weights, targets, rank,
+                                  current=ledger.quota_lists)
+            assert ledger._deal_lists(ub, weights, targets, rank) == expected, (case, change)
+            differed[change] += expected != first
+    assert min(differed.values()) > 0, differed  # each change mattered in some cases
 
 
 def test_list_ledger_decides_as_the_tensor_ledger_on_many_ranks():

@@ -24,6 +24,11 @@ from .seeding import CLASS_PRIORITY, derive_seed
 SMALL_WORLD = 16
 
 
+def _frozen(rows: Sequence[Sequence[int]]) -> Tuple[Tuple[int, ...], ...]:
+    """A matrix of lists as tuples (the ledger's lists grow in place with each class)."""
+    return tuple(map(tuple, rows))
+
+
 class SmallLedger(RankRule):
     """Every rank's per-class counts and quotas (see :class:`~.ledger.ClassLedger`), as
     lists indexed ``[rank][column]``."""
@@ -49,6 +54,7 @@ class SmallLedger(RankRule):
         self.deals = 0
         self.hash = 0
         self._snapshot = None
+        self._last_deal: Optional[tuple] = None  # (inputs, quotas) of the last list deal
 
     # ------------------------------------------------------------------ views
     @property
@@ -159,8 +165,7 @@ class SmallLedger(RankRule):
         if self.budget < k:
             ub = [[min(u, t) for u, t in zip(row, targets)] for row in ub]
         if w * k <= LIST_DEAL_MAX:
-            self.quota_lists = deal_lists(self.capacities, ub, weights, targets, rank,
-                                          current=self.quota_lists)
+            self.quota_lists = self._deal_lists(ub, weights, targets, rank)
         else:
             as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int64).view(w, k)  # noqa: E731
             self.quota_lists = deal(torch.tensor(self.capacities, dtype=torch.int64),
@@ -170,6 +175,21 @@ class SmallLedger(RankRule):
                                     current=as_tensor(self.quota_lists)).tolist()
         self.n_dealt = [list(row) for row in self.n]
         self.deals += 1
+
+    def _deal_lists(self, ub: List[List[int]], weights: List[List[int]], targets: List[int],
+                    rank: List[int]) -> List[List[int]]:
+        """The list deal's quotas (new lists), the last result again when its inputs
+        repeat: the deal is a function of its inputs, and online continual learning
+        re-deals the same inputs at most experiences (each revives its classes)."""
+        inputs = (tuple(self.capacities), _frozen(ub), _frozen(weights), tuple(targets),
+                  tuple(rank), _frozen(self.quota_lists))
+        last = self._last_deal
+        if last is not None and last[0] == inputs:
+            return [list(row) for row in last[1]]
+        quotas = deal_lists(self.capacities, ub, weights, targets, rank,
+                            current=self.quota_lists)
+        self._last_deal = (inputs, _frozen(quotas))
+        return quotas
 
     # ------------------------------------------------------------------ a step
     def apply(self, keys: torch.Tensor, counts: torch.Tensor, step: int, rank: int,
