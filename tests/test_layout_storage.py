@@ -91,3 +91,35 @@ def test_storage_write_gather_and_resize():
     assert storage.fields()["label"].tolist() == [2, 1]
     with pytest.raises(IndexError):
         storage.write(torch.tensor([5]), records[:1])
+
+
+def test_step_message_round_trips_through_the_kept_buffers():
+    """A step's message (every rank's metadata, then the records it serves) and the
+    received records: the same bytes built in the storage's kept buffers as in new
+    tensors, the buffers reused from step to step (no fresh page-faulted tensor per step)
+    and rewritten each time, so one step's message never leaks into the next."""
+    from avalanche_distributed_rehearsal.core.draw import PreparedDraw, compose, split_message
+
+    storage = ShardStorage(8)
+    storage.allocate(make_layout((5,), torch.float32))
+    row_bytes = storage.layout.row_bytes
+    pointers = set()
+    for step, (sends, recvs) in enumerate([([2, 1, 0], [1, 0, 3]), ([0, 3, 1], [2, 2, 0]),
+                                           ([1, 1, 1], [0, 0, 1])]):
+        meta = torch.arange(4, dtype=torch.int64) + 100 * step
+        rows = torch.randint(0, 256, (sum(sends), row_bytes), dtype=torch.uint8)
+        prepared = PreparedDraw(send=rows, send_splits=sends, recv_splits=recvs)
+        kept, splits, recv_splits = compose(meta, prepared, 3, row_bytes, storage)
+        fresh, splits_new, recv_new = compose(meta, prepared, 3, row_bytes)
+        assert torch.equal(kept, fresh) and (splits, recv_splits) == (splits_new, recv_new)
+        pointers.add(kept.data_ptr())
+        # what arrives: one chunk per source rank, its metadata first, then its records
+        incoming = [torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8) for n in recvs]
+        recv = torch.cat([torch.cat([meta.view(torch.uint8), chunk.reshape(-1)])
+                          for chunk in incoming])
+        metas, records = split_message(recv, recv_splits, 4, row_bytes, storage)
+        assert torch.equal(metas, meta.expand(3, 4))
+        assert torch.equal(records, torch.cat(incoming))
+        assert torch.equal(records, split_message(recv, recv_splits, 4, row_bytes)[1])
+        pointers.add(records.data_ptr())
+    assert len(pointers) <= 3  # the message buffer and the records buffer, regrown once

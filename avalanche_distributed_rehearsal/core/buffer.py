@@ -609,12 +609,13 @@ class ShardedRehearsalBuffer:
         meta = self._meta(STEP if exact else SYNC, step, context, error, own_keys, excluded,
                           announce, layout_digest, width)
         send, send_splits, recv_splits = compose(meta, agreed, self.world_size,
-                                                 self.bytes_per_sample)
+                                                 self.bytes_per_sample, self.storage)
         recv = self.exchange.all_to_all(send, send_splits, recv_splits,
                                         out=self.storage.scratch_bytes("step", sum(recv_splits)))
         if clock:
             clock.mark("exchange")
-        messages, records = split_message(recv, recv_splits, HEADER + width, self.bytes_per_sample)
+        messages, records = split_message(recv, recv_splits, HEADER + width, self.bytes_per_sample,
+                                          self.storage)
         _, keys, counts = self._agree(messages, exception)
         prepared = agreed
         m, world = meta.numel() * 8, self.world_size  # one message to (and from) every rank

@@ -192,33 +192,41 @@ def serve(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
 
 
 def compose(meta: torch.Tensor, prepared: PreparedDraw, world_size: int,
-            row_bytes: int) -> Tuple[torch.Tensor, List[int], List[int]]:
+            row_bytes: int, storage: Optional[ShardStorage] = None
+            ) -> Tuple[torch.Tensor, List[int], List[int]]:
     """The flat uint8 message of a step (see the module doc) and its byte splits.
 
     ``meta``: ``(m,)`` int64 CPU, this rank's metadata (the same for every destination).
-    Returns ``(send, send_splits, recv_splits)``; ``send`` is new (the caller's).
+    Returns ``(send, send_splits, recv_splits)``; ``send`` is the ``"message"`` scratch
+    buffer of a CPU ``storage`` (valid until the next step's message; a fresh multi-megabyte
+    tensor would be page-faulted in at every step), else new.
     """
     meta_bytes = meta.view(torch.uint8)
     m = meta_bytes.numel()
     if not prepared.moves:
         parts = [meta_bytes] * world_size
-        splits = [m] * world_size
-        return torch.cat(parts), splits, list(splits)
-    rows = prepared.send.reshape(-1)
-    parts, start = [], 0
-    for n in prepared.send_splits:
-        parts.append(meta_bytes)
-        parts.append(rows[start * row_bytes: (start + n) * row_bytes])
-        start += n
-    send_splits = [m + n * row_bytes for n in prepared.send_splits]
-    recv_splits = [m + n * row_bytes for n in prepared.recv_splits]
-    return torch.cat(parts), send_splits, recv_splits
+        send_splits = [m] * world_size
+        recv_splits = list(send_splits)
+    else:
+        rows = prepared.send.reshape(-1)
+        parts, start = [], 0
+        for n in prepared.send_splits:
+            parts.append(meta_bytes)
+            parts.append(rows[start * row_bytes: (start + n) * row_bytes])
+            start += n
+        send_splits = [m + n * row_bytes for n in prepared.send_splits]
+        recv_splits = [m + n * row_bytes for n in prepared.recv_splits]
+    out = None if storage is None else storage.scratch_bytes("message", sum(send_splits))
+    message = torch.cat(parts) if out is None else torch.cat(parts, out=out)
+    return message, send_splits, recv_splits
 
 
 def split_message(recv: torch.Tensor, recv_splits: List[int], meta_words: int,
-                  row_bytes: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(metadata (W, meta_words) int64, records (n, row_bytes) uint8 or None)`` of a
-    received step message (new tensors)."""
+                  row_bytes: int, storage: Optional[ShardStorage] = None
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(metadata (W, meta_words) int64 (new), records (n, row_bytes) uint8 or None)`` of
+    a received step message. The records are the ``"records"`` scratch buffer of a CPU
+    ``storage`` (valid until the next step's), else new."""
     m = meta_words * 8
     offsets = [0]
     for s in recv_splits[:-1]:
@@ -226,8 +234,12 @@ def split_message(recv: torch.Tensor, recv_splits: List[int], meta_words: int,
     index = torch.tensor(offsets, dtype=torch.int64).unsqueeze(1) + torch.arange(m)
     metas = recv[index].view(torch.int64)
     rows = [recv[o + m: o + s] for o, s in zip(offsets, recv_splits) if s > m]
-    records = torch.cat(rows).view(-1, row_bytes) if rows else None
-    return metas, records
+    if not rows:
+        return metas, None
+    out = None if storage is None else storage.scratch_bytes(
+        "records", sum(row.numel() for row in rows))
+    records = torch.cat(rows) if out is None else torch.cat(rows, out=out)
+    return metas, records.view(-1, row_bytes)
 
 
 def assemble(prepared: PreparedDraw, storage: ShardStorage, records: Optional[torch.Tensor],
