@@ -12,9 +12,14 @@ quota), alternately (interleaved, after a barrier each), on every rank:
   message's assembly, the wait for the slowest rank and the all-to-all);
 * ``aligned``: the next step's all-to-all call alone, after a barrier that aligns the
   ranks just before it: the collective without the ranks' skew;
+* ``aligned_bare``: at that same point of that step, after a barrier of its own, a bare
+  all-to-all of the records' split sizes (the order of the two alternates from repeat to
+  repeat): the transport limit where the step's collective runs, on a core that has just
+  done the step's host work;
 * ``bare``: ``torch.distributed.all_to_all_single`` on the buffer's own payload group
   with exactly the records' split sizes (in bytes) of the step just timed, without the
-  metadata, between preallocated uint8 tensors: the least any exchange of these records
+  metadata, after the step and a barrier, between kept uint8 buffers whose pages were
+  touched beforehand (:class:`BareBuffers`): the least any exchange of these records
   can cost.
 
 Per repeat the slowest rank's time counts (a collective is as slow as its slowest rank).
@@ -31,33 +36,83 @@ from .buffer_ops import barrier_for, sample_pool
 from .timing import max_over_ranks, summarize
 
 
+class BareBuffers:
+    """Send and receive buffers of the bare all-to-all, kept and grown as needed, written
+    once when allocated: no page is touched for the first time inside a timed collective
+    (a fresh multi-megabyte tensor is, and costs its page faults there)."""
+
+    def __init__(self):
+        self._send = torch.zeros(1, dtype=torch.uint8)
+        self._recv = torch.zeros(1, dtype=torch.uint8)
+
+    def get(self, send_bytes: int, recv_bytes: int):
+        if self._send.numel() < send_bytes:
+            self._send = torch.zeros(send_bytes, dtype=torch.uint8)
+        if self._recv.numel() < recv_bytes:
+            self._recv = torch.zeros(recv_bytes, dtype=torch.uint8)
+        return self._send[:send_bytes], self._recv[:recv_bytes]
+
+
+def bare_all_to_all(buffers: BareBuffers, send_sizes, recv_sizes, group) -> float:
+    """Seconds of one ``all_to_all_single`` of these split sizes (bytes) on ``group``."""
+    import torch.distributed as dist
+
+    send, recv = buffers.get(sum(send_sizes), sum(recv_sizes))
+    start = time.perf_counter()
+    dist.all_to_all_single(recv, send, output_split_sizes=list(recv_sizes),
+                           input_split_sizes=list(send_sizes), group=group)
+    return time.perf_counter() - start
+
+
 class SplitRecorder:
     """Forwards every call to the buffer's exchange; remembers the last all-to-all's splits
     and, with ``align`` set to a barrier, waits at it before the all-to-all and times the
-    all-to-all alone (``seconds``): the collective without the ranks' skew."""
+    all-to-all alone (``seconds``): the collective without the ranks' skew. Then also times,
+    at the same point and after a barrier of its own, a bare all-to-all of the records'
+    split sizes (each split less ``meta`` bytes; ``bare_seconds``), before or after the
+    step's one on alternate calls (every rank alternates alike)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, meta: int):
         self._inner = inner
+        self.meta = meta
+        self.buffers = BareBuffers()
         self.last = None
         self.align = None
         self.seconds = 0.0
+        self.bare_seconds = 0.0
+        self._aligned_calls = 0
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     def all_to_all(self, send, send_splits, recv_splits, out=None):
         self.last = (list(send_splits), list(recv_splits))
-        if self.align is not None:
-            self.align()
+        if self.align is None:
+            return self._inner.all_to_all(send, send_splits, recv_splits, out=out)
+        bare_first = self._aligned_calls % 2 == 1
+        self._aligned_calls += 1
+        if bare_first:
+            self.bare_seconds = self._bare(send_splits, recv_splits)
+        self.align()
         start = time.perf_counter()
         out = self._inner.all_to_all(send, send_splits, recv_splits, out=out)
         self.seconds = time.perf_counter() - start
+        if not bare_first:
+            self.bare_seconds = self._bare(send_splits, recv_splits)
         return out
+
+    def payload_sizes(self, splits):
+        """The records' bytes of each split (the step's metadata taken off)."""
+        return [s - self.meta for s in splits]
+
+    def _bare(self, send_splits, recv_splits) -> float:
+        send_sizes, recv_sizes = self.payload_sizes(send_splits), self.payload_sizes(recv_splits)
+        self.buffers.get(sum(send_sizes), sum(recv_sizes))  # any growth before the barrier
+        self.align()
+        return bare_all_to_all(self.buffers, send_sizes, recv_sizes, self._inner.payload_group)
 
 
 def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
-    import torch.distributed as dist
-
     from avalanche_distributed_rehearsal.core import RehearsalPipeline, ShardedRehearsalBuffer
     from avalanche_distributed_rehearsal.core.metadata import HEADER
     from avalanche_distributed_rehearsal.core.phases import PhaseClock
@@ -69,15 +124,15 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
         for r in cfg["r_values"]:
             per_rank, c = cfg["per_rank"][shape_name], cfg["c"]
             buf = ShardedRehearsalBuffer(per_rank * world, seed=0)
-            recorder = SplitRecorder(buf.exchange)
+            meta = (HEADER + c) * 8
+            recorder = SplitRecorder(buf.exchange, meta)
             buf.exchange = recorder
             pipe = RehearsalPipeline(buf, batch_size_mem=r, num_candidates=c, async_mode=False)
             pool = sample_pool(shape_name, dtype_name, cfg, rank)
             for i in range(2 * per_rank // c + 4):  # full shards, classes at their quotas
                 pipe.augment(*pool[i % len(pool)])
             group = buf.exchange.payload_group
-            meta = (HEADER + c) * 8
-            samples = {"step": [], "exchange": [], "aligned": [], "bare": []}
+            samples = {"step": [], "exchange": [], "aligned": [], "aligned_bare": [], "bare": []}
             barrier = barrier_for(buf)
             clock = PhaseClock()
             for i in range(cfg["warmup"] + cfg["repeats"]):
@@ -89,26 +144,20 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
                 pipe.augment(*batch)
                 step = time.perf_counter() - start
                 buf.phase_clock = None
-                send_splits, recv_splits = recorder.last
-                payload_send = [s - meta for s in send_splits]
-                payload_recv = [s - meta for s in recv_splits]
-                send = torch.empty(max(sum(payload_send), 1), dtype=torch.uint8)
-                recv = torch.empty(max(sum(payload_recv), 1), dtype=torch.uint8)
+                payload_send, payload_recv = map(recorder.payload_sizes, recorder.last)
                 recorder.align = barrier  # a second step, its collective after a barrier
                 barrier()
                 pipe.augment(*pool[(i + 1) % len(pool)])
                 recorder.align = None
                 aligned = recorder.seconds
+                recorder.buffers.get(sum(payload_send), sum(payload_recv))
                 barrier()
-                start = time.perf_counter()
-                dist.all_to_all_single(recv[: sum(payload_recv)], send[: sum(payload_send)],
-                                       output_split_sizes=payload_recv,
-                                       input_split_sizes=payload_send, group=group)
-                bare = time.perf_counter() - start
+                bare = bare_all_to_all(recorder.buffers, payload_send, payload_recv, group)
                 if i >= cfg["warmup"]:
                     samples["step"].append(step)
                     samples["exchange"].append(clock.seconds["exchange"])
                     samples["aligned"].append(aligned)
+                    samples["aligned_bare"].append(recorder.bare_seconds)
                     samples["bare"].append(bare)
             summary = {k: summarize(max_over_ranks(v)) for k, v in samples.items()}
             row_bytes = buf.bytes_per_sample
@@ -119,7 +168,7 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
                          "exchange_over_bare": (summary["exchange"]["median"]
                                                 / summary["bare"]["median"]),
                          "aligned_over_bare": (summary["aligned"]["median"]
-                                               / summary["bare"]["median"])})
+                                               / summary["aligned_bare"]["median"])})
             pipe.close()
             buf.close()
     return rows

@@ -87,7 +87,8 @@ def test_buffer_ops_and_exchange_times_positive(smoke):
     assert set(results["exchange"]) == {"2", "4"}
     for rows in results["exchange"].values():
         for row in rows:
-            assert all(_positive(row[k]) for k in ("step", "exchange", "aligned", "bare"))
+            assert all(_positive(row[k])
+                       for k in ("step", "exchange", "aligned", "aligned_bare", "bare"))
             assert row["step_over_bare"] > 0 and row["exchange_over_bare"] > 0
             assert row["aligned_over_bare"] > 0
             assert row["metadata_bytes_per_rank"] > 0
