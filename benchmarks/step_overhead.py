@@ -1,6 +1,6 @@
 """Training-step overhead of rehearsal, at the Avalanche strategy level.
 
-Two measurements, each comparing the six :data:`~benchmarks.workloads.VARIANTS` in one run:
+Two measurements, each comparing the seven :data:`~benchmarks.workloads.VARIANTS` in one run:
 
 * ``step_overhead``: class-incremental training, ``N`` steps per ``train()`` call; per-step
   wall time (start of one iteration to the start of the next, so data loading, the

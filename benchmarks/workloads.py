@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 VARIANTS = ("incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async",
-            "ours_auto")
+            "ours_auto", "ours_sync_again")
 VARIANT_TITLES = {
     "incremental_b": "(a) incremental, batch b",
     "incremental_b+r": "(b) incremental, batch b + r",
@@ -20,6 +20,8 @@ VARIANT_TITLES = {
     "ours_sync": "(d) ours, synchronous",
     "ours_async": "(e) ours, asynchronous (always the worker)",
     "ours_auto": "(f) ours, auto (the default: worker or inline, measured)",
+    "ours_sync_again": "(g) ours, synchronous again (as (d): the run's noise between two "
+                       "identical variants)",
 }
 
 
@@ -88,12 +90,13 @@ def make_strategy(variant: str, model: nn.Module, b: int, r: int, c: int, mem_si
         plugins.append(ReplayPlugin(mem_size=mem_size, batch_size_mem=r,
                                     storage_policy=ClassBalancedBuffer(max_size=mem_size,
                                                                        adaptive_size=True)))
-    elif variant in ("ours_sync", "ours_async", "ours_auto"):
+    elif variant in ("ours_sync", "ours_async", "ours_auto", "ours_sync_again"):
         plugins.append(DistributedReplayPlugin(mem_size=mem_size, batch_size_mem=r,
                                                num_candidates=c, seed=seed,
                                                async_mode={"ours_sync": False,
                                                            "ours_async": True,
-                                                           "ours_auto": "auto"}[variant]))
+                                                           "ours_auto": "auto",
+                                                           "ours_sync_again": False}[variant]))
     elif variant != "incremental_b":
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     plugins.extend(plugins_after)

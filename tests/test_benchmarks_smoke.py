@@ -48,7 +48,7 @@ def test_files_written(smoke):
 def test_step_overhead_and_online_times_positive(smoke):
     _, results, _ = smoke
     variants = {"incremental_b", "incremental_b+r", "stock_replay", "ours_sync", "ours_async",
-                "ours_auto"}
+                "ours_auto", "ours_sync_again"}
     assert set(results["step_overhead"]) == {"1", "2"}
     for per_model in results["step_overhead"].values():
         assert set(per_model) == {"mlp", "resnet18"}
@@ -60,7 +60,10 @@ def test_step_overhead_and_online_times_positive(smoke):
     assert all(_positive(s) for s in online["train_call"].values())
     mem = results["meta"]["sizes"]["online"]["mem_size"]
     assert online["buffer_samples"] == {"stock_replay": mem, "ours_sync": mem, "ours_async": mem,
-                                        "ours_auto": mem}
+                                        "ours_auto": mem, "ours_sync_again": mem}
+    notes = [t["note"] for t in results["targets"]
+             if t["target"].startswith(("step: ours a", "online CL: ours a"))]
+    assert notes and all(note.startswith("A/A: (g) sync again / (d) sync = ") for note in notes)
 
 
 @pytest.mark.timeout(180)
