@@ -65,12 +65,13 @@ def bare_all_to_all(buffers: BareBuffers, send_sizes, recv_sizes, group) -> floa
 
 
 class SplitRecorder:
-    """Forwards every call to the buffer's exchange; remembers the last all-to-all's splits
-    and, with ``align`` set to a barrier, waits at it before the all-to-all and times the
-    all-to-all alone (``seconds``): the collective without the ranks' skew. Then also times,
-    at the same point and after a barrier of its own, a bare all-to-all of the records'
-    split sizes (each split less ``meta`` bytes; ``bare_seconds``), before or after the
-    step's one on alternate calls (every rank alternates alike)."""
+    """Forwards every call to the buffer's exchange; remembers the last all-to-all's splits.
+    Once :meth:`arm` gave it a barrier, the next all-to-all (a step's message: metadata and
+    records) waits at the barrier and is timed alone (``seconds``): the collective without
+    the ranks' skew. A bare all-to-all of the records' split sizes (each split less
+    ``meta`` bytes) is timed at the same point, after a barrier of its own
+    (``bare_seconds``), before or after the step's on alternate steps (every rank
+    alternates alike). Later calls of that step (a records-only collective) pass through."""
 
     def __init__(self, inner, meta: int):
         self._inner = inner
@@ -84,6 +85,10 @@ class SplitRecorder:
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+    def arm(self, barrier) -> None:
+        """Time the next all-to-all (see the class doc), after ``barrier``."""
+        self.align = barrier
 
     def all_to_all(self, send, send_splits, recv_splits, out=None):
         self.last = (list(send_splits), list(recv_splits))
@@ -99,6 +104,7 @@ class SplitRecorder:
         self.seconds = time.perf_counter() - start
         if not bare_first:
             self.bare_seconds = self._bare(send_splits, recv_splits)
+        self.align = None
         return out
 
     def payload_sizes(self, splits):
@@ -145,7 +151,7 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
                 step = time.perf_counter() - start
                 buf.phase_clock = None
                 payload_send, payload_recv = map(recorder.payload_sizes, recorder.last)
-                recorder.align = barrier  # a second step, its collective after a barrier
+                recorder.arm(barrier)  # a second step, its collective after a barrier
                 barrier()
                 pipe.augment(*pool[(i + 1) % len(pool)])
                 recorder.align = None
