@@ -53,17 +53,6 @@ class BareBuffers:
         return self._send[:send_bytes], self._recv[:recv_bytes]
 
 
-def bare_all_to_all(buffers: BareBuffers, send_sizes, recv_sizes, group) -> float:
-    """Seconds of one ``all_to_all_single`` of these split sizes (bytes) on ``group``."""
-    import torch.distributed as dist
-
-    send, recv = buffers.get(sum(send_sizes), sum(recv_sizes))
-    start = time.perf_counter()
-    dist.all_to_all_single(recv, send, output_split_sizes=list(recv_sizes),
-                           input_split_sizes=list(send_sizes), group=group)
-    return time.perf_counter() - start
-
-
 class SplitRecorder:
     """Forwards every call to the buffer's exchange; remembers the last all-to-all's splits.
     Once :meth:`arm` gave it a barrier, the next all-to-all (a step's message: metadata and
@@ -96,14 +85,15 @@ class SplitRecorder:
             return self._inner.all_to_all(send, send_splits, recv_splits, out=out)
         bare_first = self._aligned_calls % 2 == 1
         self._aligned_calls += 1
+        sizes = self.payload_sizes(send_splits), self.payload_sizes(recv_splits)
         if bare_first:
-            self.bare_seconds = self._bare(send_splits, recv_splits)
+            self.bare_seconds = self.bare(*sizes, self.align)
         self.align()
         start = time.perf_counter()
         out = self._inner.all_to_all(send, send_splits, recv_splits, out=out)
         self.seconds = time.perf_counter() - start
         if not bare_first:
-            self.bare_seconds = self._bare(send_splits, recv_splits)
+            self.bare_seconds = self.bare(*sizes, self.align)
         self.align = None
         return out
 
@@ -111,11 +101,17 @@ class SplitRecorder:
         """The records' bytes of each split (the step's metadata taken off)."""
         return [s - self.meta for s in splits]
 
-    def _bare(self, send_splits, recv_splits) -> float:
-        send_sizes, recv_sizes = self.payload_sizes(send_splits), self.payload_sizes(recv_splits)
-        self.buffers.get(sum(send_sizes), sum(recv_sizes))  # any growth before the barrier
-        self.align()
-        return bare_all_to_all(self.buffers, send_sizes, recv_sizes, self._inner.payload_group)
+    def bare(self, send_sizes, recv_sizes, barrier) -> float:
+        """Seconds of one bare ``all_to_all_single`` of these split sizes (bytes) on the
+        payload group, between the kept buffers, after ``barrier``."""
+        import torch.distributed as dist
+
+        send, recv = self.buffers.get(sum(send_sizes), sum(recv_sizes))  # grown beforehand
+        barrier()
+        start = time.perf_counter()
+        dist.all_to_all_single(recv, send, output_split_sizes=list(recv_sizes),
+                               input_split_sizes=list(send_sizes), group=self._inner.payload_group)
+        return time.perf_counter() - start
 
 
 def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
@@ -137,7 +133,6 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
             pool = sample_pool(shape_name, dtype_name, cfg, rank)
             for i in range(2 * per_rank // c + 4):  # full shards, classes at their quotas
                 pipe.augment(*pool[i % len(pool)])
-            group = buf.exchange.payload_group
             samples = {"step": [], "exchange": [], "aligned": [], "aligned_bare": [], "bare": []}
             barrier = barrier_for(buf)
             clock = PhaseClock()
@@ -156,9 +151,7 @@ def exchange(rank: int, world: int, cfg: dict) -> List[Dict]:
                 pipe.augment(*pool[(i + 1) % len(pool)])
                 recorder.align = None
                 aligned = recorder.seconds
-                recorder.buffers.get(sum(payload_send), sum(payload_recv))
-                barrier()
-                bare = bare_all_to_all(recorder.buffers, payload_send, payload_recv, group)
+                bare = recorder.bare(payload_send, payload_recv, barrier)
                 if i >= cfg["warmup"]:
                     samples["step"].append(step)
                     samples["exchange"].append(clock.seconds["exchange"])
