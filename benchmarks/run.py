@@ -30,7 +30,7 @@ SIZES_32 = "3x32x32"
 FULL = {
     "step_overhead": {"worlds": [1, 2], "models": ["mlp", "resnet18"], "shape": [3, 32, 32],
                       "classes": 10, "b": 32, "r": 8, "c": 32, "mem_size": 2000,
-                      "steps": 10, "rounds": 12, "experiences": 5},
+                      "steps": 10, "rounds": {"mlp": 60, "resnet18": 12}, "experiences": 5},
     "online": {"worlds": [1], "model": "mlp", "shape": [3, 32, 32], "classes": 10, "b": 32,
                "r": 8, "c": 32, "mem_size": 1000, "samples_per_exp": 1280, "experiences": 5,
                "warmup": 20, "block": 8},

@@ -55,11 +55,12 @@ def step_overhead(rank: int, world: int, cfg: dict) -> Dict:
     """Per-step time of every variant for every model in ``cfg["models"]`` on this world size."""
     device = torch.device(cfg["device"])
     b, r, c, mem = cfg["b"], cfg["r"], cfg["c"], cfg["mem_size"]
-    steps, rounds = cfg["steps"], cfg["rounds"]
+    steps = cfg["steps"]
     shape, classes = tuple(cfg["shape"]), cfg["classes"]
     n_exp = cfg["experiences"]  # must divide the number of classes; rounds cycle over them
     out = {}
     for kind in cfg["models"]:
+        rounds = cfg["rounds"][kind] if isinstance(cfg["rounds"], dict) else cfg["rounds"]
         model = make_model(kind, shape, classes)
         streams = {mb: class_incremental(steps * mb * world, n_exp, shape, classes).train_stream
                    for mb in {b, b + r}}

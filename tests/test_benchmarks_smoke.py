@@ -63,7 +63,28 @@ def test_step_overhead_and_online_times_positive(smoke):
                                         "ours_auto": mem, "ours_sync_again": mem}
     notes = [t["note"] for t in results["targets"]
              if t["target"].startswith(("step: ours a", "online CL: ours a"))]
-    assert notes and all(note.startswith("A/A: (g) sync again / (d) sync = ") for note in notes)
+    assert notes and all(note.startswith("2 SE of the ratio = ")
+                         and "; A/A: (g) sync again / (d) sync = " in note for note in notes)
+
+
+def test_the_relative_error_of_a_median_matches_the_spread_of_medians():
+    """The report's error of a median (from a summary's quartiles) is, on average, within
+    15 % of the observed spread of the median over many samples (normal steps, n = 40)."""
+    import random
+
+    from benchmarks.report import _relative_error
+    from benchmarks.timing import summarize
+
+    rng = random.Random(3)
+    medians, errors = [], []
+    for _ in range(1000):
+        s = summarize([rng.gauss(10.0, 1.0) for _ in range(40)])
+        medians.append(s["median"])
+        errors.append(_relative_error(s) * s["median"])
+    mean = sum(medians) / len(medians)
+    observed = (sum((m - mean) ** 2 for m in medians) / (len(medians) - 1)) ** 0.5
+    assert abs(sum(errors) / len(errors) / observed - 1) < 0.15
+    assert math.isnan(_relative_error(summarize([1.0])))
 
 
 @pytest.mark.timeout(180)
