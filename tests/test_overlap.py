@@ -362,3 +362,39 @@ def test_auto_picks_inline_when_the_worker_is_slower(monkeypatch):
 def test_async_mode_must_be_a_bool_or_auto(bad):
     with pytest.raises(ValueError, match="async_mode must be True, False or 'auto'"):
         RehearsalPipeline(ShardedRehearsalBuffer(10), async_mode=bad)
+
+
+def _slow_worker_on_rank_zero(rank, world):
+    """auto with rank 0's worker made slow: both ranks end the first probe early (rank 0's
+    vote) and run inline from there; the batches and shards equal sync."""
+    buf = ShardedRehearsalBuffer(30, seed=3)
+    pipe = RehearsalPipeline(buf, batch_size_mem=5, num_candidates=4, async_mode="auto")
+    pipe.chooser = OverlapChooser(probe=8, hold=20, warmup=1, block=2,
+                                  agree=pipe._agree_on_worker)
+    if rank == 0:
+        submit = pipe.worker.submit
+
+        def slow_submit(fn, *args):
+            def slow(*a):
+                time.sleep(0.02)
+                return fn(*a)
+            return submit(slow, *args)
+
+        pipe.worker.submit = slow_submit
+    modes, outs = [], []
+    for i in range(1 + 4 + 20):
+        modes.append(pipe.chooser.mode())
+        outs.append(pipe.augment(*batch(i * world + rank)))
+    early, chosen = pipe.chooser.early_ends, pipe.chooser.chosen
+    pipe.close()
+    sync = run(rank, world, False, len(outs))
+    same(([torch.cat([x, y.unsqueeze(1).float()], 1) for x, y, _ in outs], buf.local_tensors()),
+         sync)
+    return modes, early, chosen
+
+
+@pytest.mark.timeout(180)
+def test_a_slow_worker_on_one_rank_ends_the_probe_early_on_every_rank():
+    results = run_ranks(_slow_worker_on_rank_zero, 2, timeout=150)
+    expected = [INLINE] + [WORKER] * 2 + [INLINE] * 2 + [INLINE] * 20
+    assert all(r == (expected, 1, INLINE) for r in results), results
