@@ -338,20 +338,22 @@ def test_auto_on_some_ranks_only_is_refused_on_every_rank_at_the_first_step():
     assert all(e is not None and "async_mode='auto' on some ranks only" in e for e in errors)
 
 
+def slow_submit(submit, seconds):
+    """``submit`` (a worker's) whose jobs sleep ``seconds`` first."""
+    def submit_slowly(fn, *args):
+        def slow(*a):
+            time.sleep(seconds)
+            return fn(*a)
+        return submit(slow, *args)
+    return submit_slowly
+
+
 def test_auto_picks_inline_when_the_worker_is_slower(monkeypatch):
     """A worker made slow (each job sleeps first): auto measures it and runs inline."""
     buf = ShardedRehearsalBuffer(30, seed=3)
     pipe = RehearsalPipeline(buf, batch_size_mem=5, num_candidates=4, async_mode="auto")
     pipe.chooser = OverlapChooser(probe=4, hold=20, warmup=1)
-    submit = pipe.worker.submit
-
-    def slow_submit(fn, *args):
-        def slow(*a):
-            time.sleep(0.01)
-            return fn(*a)
-        return submit(slow, *args)
-
-    monkeypatch.setattr(pipe.worker, "submit", slow_submit)
+    monkeypatch.setattr(pipe.worker, "submit", slow_submit(pipe.worker.submit, 0.01))
     for i in range(20):
         pipe.augment(*batch(i))
     assert pipe.chooser.choices == 1 and pipe.chooser.chosen == INLINE
@@ -372,15 +374,7 @@ def _slow_worker_on_rank_zero(rank, world):
     pipe.chooser = OverlapChooser(probe=8, hold=20, warmup=1, block=2,
                                   agree=pipe._agree_on_worker)
     if rank == 0:
-        submit = pipe.worker.submit
-
-        def slow_submit(fn, *args):
-            def slow(*a):
-                time.sleep(0.02)
-                return fn(*a)
-            return submit(slow, *args)
-
-        pipe.worker.submit = slow_submit
+        pipe.worker.submit = slow_submit(pipe.worker.submit, 0.02)
     modes, outs = [], []
     for i in range(1 + 4 + 20):
         modes.append(pipe.chooser.mode())
