@@ -206,6 +206,8 @@ def test_chooser_refuses_bad_settings():
         OverlapChooser(margin=-0.1)
     with pytest.raises(ValueError, match="z must"):
         OverlapChooser(z=-1)
+    with pytest.raises(ValueError, match="max_hold must be >= hold=10, got 5"):
+        OverlapChooser(hold=10, max_hold=5)
 
 
 def batch(step, b=12, classes=6):
