@@ -38,6 +38,16 @@ def _relative_error(s: Dict) -> float:
     return 1.2533 * (s["p75"] - s["p25"]) / 1.349 / math.sqrt(s["n"]) / s["median"]
 
 
+def _auto_choices(chooser) -> str:
+    """What ``async_mode="auto"`` chose, in words (see ``workloads.auto_choices``)."""
+    if not chooser:
+        return "-"
+    if not chooser["choices"]:
+        return "no probe ended yet (warm-up or first probe)"
+    return (f"{chooser['choices']} probe(s), {chooser['early_ends']} ended early; the last "
+            f"chose {chooser['chosen']}, held {chooser['held']} steps")
+
+
 def _same_as_sync(mode: Dict, sync: Dict, again: Dict) -> str:
     """The note of an async / sync target: twice the ratio's standard error (from both
     medians' spreads), and the same ratio for two identical sync variants (A/A)."""
@@ -181,6 +191,11 @@ def markdown(results: Dict) -> str:
                          "ranks) and the ratio to (b), both from the same run; amortised = a "
                          "whole `train()` call / its steps."],
                         ["model", "ranks", "variant", "step ms", "/ (b)", "amortised ms"], rows)
+        lines += _table("What (f) auto chose by the end (its probes are in its times):", [],
+                        ["model", "ranks", "auto"],
+                        [[model, world, _auto_choices(v["ours_auto"].get("chooser"))]
+                         for world, per_model in sorted(so.items())
+                         for model, v in per_model.items()])
     for world, o in results.get("online", {}).items():
         cfg = meta["sizes"]["online"]
         base = o["train_call"]["incremental_b+r"]["median"]
@@ -188,7 +203,8 @@ def markdown(results: Dict) -> str:
             "## Online continual learning (`split_online_stream`, one `train()` per "
             f"experience, {cfg['model']}, {world} rank)",
             [f"b={cfg['b']}, r={cfg['r']}, M={cfg['mem_size']}, {o['experiences']} experiences "
-             f"({cfg['warmup']} warm-up); median ms per `train()` call."],
+             f"({cfg['warmup']} warm-up); median ms per `train()` call. What (f) auto "
+             f"chose by the end: {_auto_choices(o.get('auto_chooser'))}."],
             ["variant", "ms per train()", "/ (b)", "buffer samples at end"],
             [[VARIANT_TITLES[name], _ms(o["train_call"][name]),
               f"{o['train_call'][name]['median'] / base:.3f}", o["buffer_samples"].get(name, "")]

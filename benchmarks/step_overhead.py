@@ -21,7 +21,8 @@ from typing import Dict, List
 import torch
 
 from .timing import StepClock, max_over_ranks, summarize, time_call
-from .workloads import VARIANTS, class_incremental, close_strategy, make_model, make_strategy
+from .workloads import (VARIANTS, auto_choices, class_incremental, close_strategy, make_model,
+                        make_strategy)
 
 
 def _clock_plugins(clock: StepClock):
@@ -82,11 +83,13 @@ def step_overhead(rank: int, world: int, cfg: dict) -> Dict:
                 if k > 0:
                     samples[v].extend(taken)
                     amortised[v].append(seconds / max(len(taken), 1))
+        auto = auto_choices(strategies["ours_auto"])
         for s in strategies.values():
             close_strategy(s)
         out[kind] = {v: {"step": summarize(_per_step_max(samples[v])),
                          "amortised": summarize(max_over_ranks(amortised[v]))}
                      for v in VARIANTS}
+        out[kind]["ours_auto"]["chooser"] = auto
     return out
 
 
@@ -128,6 +131,7 @@ def online(rank: int, world: int, cfg: dict) -> Dict:
             if k * block >= cfg["warmup"]:
                 samples[v].append(t / block)
     k = rounds * block
+    auto = auto_choices(strategies["ours_auto"])
     buffered = {}
     for v, s in strategies.items():
         for p in s.plugins:
@@ -137,5 +141,5 @@ def online(rank: int, world: int, cfg: dict) -> Dict:
                 buffered[v] = p.storage_policy.local_size()
         close_strategy(s)
     return {"experiences": k, "seconds": time.perf_counter() - start,
-            "buffer_samples": buffered,
+            "buffer_samples": buffered, "auto_chooser": auto,
             "train_call": {v: summarize(samples[v]) for v in VARIANTS}}

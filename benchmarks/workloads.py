@@ -6,7 +6,7 @@ Imports Avalanche lazily (inside functions), so the torch-only benchmarks never 
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +104,19 @@ def make_strategy(variant: str, model: nn.Module, b: int, r: int, c: int, mem_si
                  criterion=nn.CrossEntropyLoss(), train_mb_size=mb, train_epochs=1,
                  eval_mb_size=mb, device=device, plugins=plugins,
                  evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
+
+
+def auto_choices(strategy) -> Optional[Dict]:
+    """What our plugin's ``async_mode="auto"`` chose so far (the same on every rank):
+    ``{"choices", "early_ends", "chosen", "held"}``, or None without a chooser."""
+    for p in strategy.plugins:
+        if type(p).__name__ != "DistributedReplayPlugin":
+            continue
+        chooser = getattr(p.pipeline, "chooser", None)
+        if chooser is not None:
+            return {"choices": chooser.choices, "early_ends": chooser.early_ends,
+                    "chosen": chooser.chosen, "held": chooser.held}
+    return None
 
 
 def close_strategy(strategy) -> None:

@@ -61,6 +61,10 @@ def test_step_overhead_and_online_times_positive(smoke):
     mem = results["meta"]["sizes"]["online"]["mem_size"]
     assert online["buffer_samples"] == {"stock_replay": mem, "ours_sync": mem, "ours_async": mem,
                                         "ours_auto": mem, "ours_sync_again": mem}
+    for chooser in [v["ours_auto"]["chooser"] for pm in results["step_overhead"].values()
+                    for v in pm.values()] + [online["auto_chooser"]]:
+        assert set(chooser) == {"choices", "early_ends", "chosen", "held"}
+        assert chooser["chosen"] in ("worker", "inline") and 0 <= chooser["early_ends"] <= chooser["choices"]
     notes = [t["note"] for t in results["targets"]
              if t["target"].startswith(("step: ours a", "online CL: ours a"))]
     assert notes and all(note.startswith("2 SE of the ratio = ")
