@@ -7,6 +7,8 @@ import math
 import os
 from typing import Dict, List
 
+from avalanche_distributed_rehearsal.core.overlap import median_error
+
 from .workloads import VARIANT_TITLES, VARIANTS
 
 STEP_TARGET, ONLINE_TARGET, ONLINE_SPEEDUP, EXCHANGE_TARGET = 1.05, 1.10, 2.0, 1.25
@@ -31,11 +33,11 @@ def _target(name: str, value: float, limit: float, op: str, note: str = "") -> D
 
 def _relative_error(s: Dict) -> float:
     """The standard error of a :func:`~.timing.summarize` median, relative to it: from
-    the interquartile range as for a normal law (sigma = IQR / 1.349, error = 1.2533
-    sigma / sqrt(n)), as :func:`~avalanche_distributed_rehearsal.core.overlap.median_and_error`."""
+    its quartiles, as ``async_mode="auto"`` estimates it
+    (:func:`~avalanche_distributed_rehearsal.core.overlap.median_error`)."""
     if s["n"] < 2 or not s["median"] > 0:
         return float("nan")
-    return 1.2533 * (s["p75"] - s["p25"]) / 1.349 / math.sqrt(s["n"]) / s["median"]
+    return median_error(s["p25"], s["p75"], s["n"]) / s["median"]
 
 
 def _auto_choices(chooser) -> str:

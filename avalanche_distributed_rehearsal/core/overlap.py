@@ -20,17 +20,22 @@ WORKER, INLINE = "worker", "inline"
 _WARMUP, _PROBE, _HOLD = "warmup", "probe", "hold"
 
 
+def median_error(q1: float, q3: float, n: int) -> float:
+    """The standard error of the median of ``n`` samples with quartiles ``q1``, ``q3``,
+    as for a normal law (sigma = IQR / 1.349, error = 1.2533 sigma / sqrt(n)), so that a
+    few outliers (a step that started an experience) do not inflate it."""
+    return 1.2533 * (q3 - q1) / 1.349 / math.sqrt(n)
+
+
 def median_and_error(samples: Sequence[float]) -> Tuple[float, float]:
     """``(median, standard error of the median)`` of ``samples``, the error from their
-    interquartile range as for a normal law (sigma = IQR / 1.349, error = 1.2533 sigma /
-    sqrt(n)), so that a few outliers (a step that started an experience) do not inflate
-    it. The error is infinite with fewer than two samples."""
+    interquartile range (:func:`median_error`); infinite with fewer than two samples."""
     n = len(samples)
     median = statistics.median(samples)
     if n < 2:
         return median, math.inf
     q1, _, q3 = statistics.quantiles(samples, n=4)
-    return median, 1.2533 * (q3 - q1) / 1.349 / math.sqrt(n)
+    return median, median_error(q1, q3, n)
 
 
 class OverlapChooser:
@@ -113,19 +118,18 @@ class OverlapChooser:
         self._left -= 1
         if self._phase == _PROBE:
             if self._left == 0:
-                faster = self.vote()
-                if self.agree is not None:  # collective: every rank reaches it at the same step
-                    faster = self.agree(faster)
-                self._choose(faster)
-            elif (2 * self.probe - self._left) % (2 * self.block) == 0:
-                ahead = self.ahead()
-                if self.agree is not None:
-                    ahead = self.agree(ahead)
-                if not ahead:
+                self._choose(self._agreed(self.vote()))
+            elif (2 * self.probe - self._left) % (2 * self.block) == 0:  # a pair of blocks
+                if not self._agreed(self.ahead()):
                     self.early_ends += 1
                     self._choose(False)
         elif self._left <= 0:
             self._phase, self._left = _PROBE, 2 * self.probe
+
+    def _agreed(self, vote: bool) -> bool:
+        """``vote``, or with ``agree`` every rank's verdict (a collective: every rank
+        reaches it at the same step)."""
+        return self.agree(vote) if self.agree is not None else vote
 
     def ahead(self) -> bool:
         """Whether this rank's worker is still ahead in the probe so far: its median step
