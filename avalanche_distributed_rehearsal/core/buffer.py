@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .candidates import Candidates
-from .draw import (DrawRecord, ExchangeStats, PreparedDraw, assemble, compose, exchange_records,
-                   serve, serve_own, served_slots, split_message)
+from .draw import (DrawRecord, ExchangeStats, PreparedDraw, Received, assemble, compose,
+                   exchange_records, serve, serve_own, served_slots, split_message)
 from .elastic import union_shares
 from .exchange import default_exchange
 from .layout import RecordLayout
@@ -102,7 +102,8 @@ class StepState:
     :meth:`~ShardedRehearsalBuffer.complete_step` (a CUDA shard's records not exchanged)."""
 
     prepared: PreparedDraw
-    records: Optional[torch.Tensor] = None
+    #: the received records (``(d, row_bytes)`` uint8, or a view into the step's message)
+    records: Optional[Union[torch.Tensor, Received]] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -614,8 +615,7 @@ class ShardedRehearsalBuffer:
                                         out=self.storage.scratch_bytes("step", sum(recv_splits)))
         if clock:
             clock.mark("exchange")
-        messages, records = split_message(recv, recv_splits, HEADER + width, self.bytes_per_sample,
-                                          self.storage)
+        messages, records = split_message(recv, recv_splits, HEADER + width, self.bytes_per_sample)
         _, keys, counts = self._agree(messages, exception)
         prepared = agreed
         m, world = meta.numel() * 8, self.world_size  # one message to (and from) every rank

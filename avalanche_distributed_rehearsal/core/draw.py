@@ -14,10 +14,11 @@ after it. Nothing here is collective: :mod:`~.buffer` calls the exchange between
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .layout import RecordLayout
 from .ledger import CountsSnapshot
 from .reservoir import LocalReservoir
 from .sampling import SamplingPlan
@@ -115,6 +116,44 @@ class PreparedDraw:
         """Every tensor the object holds (for CUDA stream bookkeeping)."""
         out = [t for t in (self.send, self.where) if t is not None]
         return out + list((self.fields or {}).values())
+
+
+@dataclass
+class Received:
+    """Records that arrived inside a step's message, not copied out of it.
+
+    Attributes:
+        flat: ``(N,)`` uint8, the received message (metadata chunks and records).
+        starts: ``(n,)`` int64 CPU, the byte offset in ``flat`` of received record ``k``
+            (by source rank, as they arrived).
+    ``flat`` is usually a scratch buffer of the storage: use the records before the next
+    step's message arrives.
+    """
+
+    flat: torch.Tensor
+    starts: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.starts.numel()
+
+    def fields(self, layout: RecordLayout, order: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every field of the records ``order`` (``(d,)`` int64 indexes of received
+        records), in that order: new contiguous tensors ``(d, *shape)``, one gather each."""
+        base = self.starts.index_select(0, order.cpu())
+        if self.flat.device != base.device:
+            base = base.to(self.flat.device)
+        out = {}
+        for name, spec in layout.fields.items():
+            if spec.nbytes == 0:
+                out[name] = torch.empty((order.numel(),) + spec.shape, dtype=spec.dtype,
+                                        device=self.flat.device)
+                continue
+            at = base if spec.offset == 0 else base + spec.offset
+            raw = self.flat.unfold(0, spec.nbytes, 1).index_select(0, at)
+            if spec.dtype != torch.uint8:
+                raw = raw.view(spec.dtype)
+            out[name] = raw.view((order.numel(),) + spec.shape)
+        return out
 
 
 def served_slots(reservoir: LocalReservoir, storage: ShardStorage, local: torch.Tensor,
@@ -222,37 +261,42 @@ def compose(meta: torch.Tensor, prepared: PreparedDraw, world_size: int,
 
 
 def split_message(recv: torch.Tensor, recv_splits: List[int], meta_words: int,
-                  row_bytes: int, storage: Optional[ShardStorage] = None
-                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(metadata (W, meta_words) int64 (new), records (n, row_bytes) uint8 or None)`` of
-    a received step message. The records are the ``"records"`` scratch buffer of a CPU
-    ``storage`` (valid until the next step's), else new."""
+                  row_bytes: int) -> Tuple[torch.Tensor, Optional[Received]]:
+    """``(metadata (W, meta_words) int64 (new), records)`` of a received step message:
+    the records a :class:`Received` view of ``recv`` (no copy: valid as long as ``recv``
+    is), or None when no record arrived."""
     m = meta_words * 8
-    offsets = [0]
-    for s in recv_splits[:-1]:
-        offsets.append(offsets[-1] + s)
-    index = torch.tensor(offsets, dtype=torch.int64).unsqueeze(1) + torch.arange(m)
-    metas = recv[index].view(torch.int64)
-    rows = [recv[o + m: o + s] for o, s in zip(offsets, recv_splits) if s > m]
-    if not rows:
+    offsets, starts = [], []
+    at = 0
+    for s in recv_splits:
+        offsets.append(at)
+        if s > m:
+            starts.extend(range(at + m, at + s, row_bytes))
+        at += s
+    metas = recv.unfold(0, m, 1).index_select(0, torch.tensor(offsets)).view(torch.int64)
+    if not starts:
         return metas, None
-    out = None if storage is None else storage.scratch_bytes(
-        "records", sum(row.numel() for row in rows))
-    records = torch.cat(rows) if out is None else torch.cat(rows, out=out)
-    return metas, records.view(-1, row_bytes)
+    return metas, Received(recv, torch.tensor(starts, dtype=torch.int64))
 
 
-def assemble(prepared: PreparedDraw, storage: ShardStorage, records: Optional[torch.Tensor],
+def assemble(prepared: PreparedDraw, storage: ShardStorage,
+             records: Optional[Union[torch.Tensor, Received]],
              out_device: Optional[torch.device]) -> Dict[str, torch.Tensor]:
     """Every stored field of the representatives, in draw order, on ``out_device``
     (default: the storage device), in the storage dtypes; new tensors, the caller's.
 
-    ``records``: the received records (``(d, row_bytes)`` uint8, by source rank) when the
-    draw moved records, else None (``prepared.fields`` holds them)."""
+    ``records``: the received records, by source rank, when the draw moved records
+    (``(d, row_bytes)`` uint8, or a :class:`Received` view of the step's message), else
+    None (``prepared.fields`` holds them). Each field is gathered straight from them in
+    draw order: one copy."""
     fields = prepared.fields
     if fields is None:
-        fields = {name: view.index_select(0, prepared.where)
-                  for name, view in storage.layout.unpack(records).items()}
+        layout = storage.layout
+        if isinstance(records, Received):
+            fields = records.fields(layout, prepared.where)
+        else:
+            fields = {name: view.index_select(0, prepared.where)
+                      for name, view in layout.unpack(records).items()}
     if out_device is None or torch.device(out_device) == storage.device or not fields:
         return fields
     out_device = torch.device(out_device)
