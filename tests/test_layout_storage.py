@@ -162,3 +162,33 @@ def test_received_fields_equal_a_gather_of_the_packed_records(seed):
         assert torch.equal(got[name].reshape(-1).view(torch.uint8) if got[name].numel() else
                            got[name], want.reshape(-1).view(torch.uint8) if want.numel() else want)
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_write_fields_stores_each_row_at_its_slot_whatever_the_row_order(seed):
+    """Row ``rows[k]`` lands at ``slots[k]`` for permuted rows, consecutive runs in any
+    order (written as a slice), scattered subsets, repeated rows and large samples (copied
+    row by row), against a row-by-row reference."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (3, 8, 8) if seed < 3 else (3, 64, 100)  # the second above the row-copy size
+    layout = RecordLayout([("input", shape, torch.float32), ("label", (), torch.int64)])
+    batch = 12
+    values = {"input": torch.randn((batch,) + shape, generator=gen),
+              "label": torch.arange(batch) * 7}
+    for case in range(8):
+        n = int(torch.randint(1, batch + 1, (1,), generator=gen))
+        if case % 4 == 0:  # consecutive rows, shuffled
+            first = int(torch.randint(0, batch - n + 1, (1,), generator=gen))
+            rows = (torch.randperm(n, generator=gen) + first).tolist()
+        elif case % 4 == 1:  # a repeated row among others
+            rows = torch.randint(0, batch, (n,), generator=gen).tolist()
+        else:
+            rows = torch.randperm(batch, generator=gen)[:n].tolist()
+        slots = torch.randperm(20, generator=gen)[:n].tolist()
+        storage = ShardStorage(20)
+        storage.allocate(layout)
+        storage.write_fields(slots, values, rows=rows)
+        fields = storage.fields()
+        assert storage.size == max(slots) + 1
+        for slot, row in zip(slots, rows):
+            assert torch.equal(fields["input"][slot], values["input"][row])
+            assert int(fields["label"][slot]) == row * 7

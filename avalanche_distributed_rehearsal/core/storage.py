@@ -26,6 +26,20 @@ def _fit_range(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value
 
 
+def _by_row(slots: Sequence[int], rows: Sequence[int]):
+    """``(slots, rows, start)`` for writing row ``rows[k]`` at ``slots[k]``. When the rows
+    are ``start .. start + n - 1`` in any order, ``rows`` comes back None and the slots in
+    row order: the rows are then a slice of the batch, nothing to gather (the slots are
+    distinct, so the order of the writes does not matter). Otherwise unchanged."""
+    n, start = len(rows), min(rows)
+    if max(rows) - start != n - 1 or len(set(rows)) != n:
+        return slots, rows, 0
+    ordered = [0] * n
+    for row, slot in zip(rows, slots):
+        ordered[row - start] = slot
+    return ordered, None, start
+
+
 class ShardStorage:
     """A fixed-capacity table of records, one row per stored sample.
 
@@ -123,7 +137,10 @@ class ShardStorage:
             raise IndexError(f"slot {top - 1} out of range for capacity {self.capacity}")
         if rows is not None and len(rows) != n:
             raise ValueError(f"rows ({len(rows)}) and slots ({n}) must have the same length")
-        prefix = rows is None or list(rows) == list(range(n))  # rows 0..n-1: no gather
+        start = 0
+        if rows is not None:
+            slots, rows, start = _by_row(slots, rows)
+        prefix = rows is None  # rows start .. start + n - 1: a slice, no gather
         if n <= _FEW_ROWS and self.device.type == "cpu" and not prefix:
             self._write_rows(slots, values, rows)
             self.size = max(self.size, top)
@@ -144,7 +161,7 @@ class ShardStorage:
                     column[slot].copy_(_fit_range(value[row], spec.dtype), non_blocking=non_blocking)
                 continue
             if prefix:
-                value = value[:n]
+                value = value[start: start + n]
             else:
                 at = picked.get(value.device)
                 if at is None:
