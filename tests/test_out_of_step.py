@@ -121,3 +121,41 @@ def test_a_rank_that_learnt_the_layout_from_another_refuses_a_mismatched_batch()
     with pytest.raises(ValueError, match=r"per-sample shape \(3,\).*got \(5,\)"):
         run_threads(learns_layout_during_take, 2, stored_at_error, timeout=30)
     assert stored_at_error == {1: (0, {})}  # nothing stored on the rank that refused
+
+
+@pytest.mark.parametrize("world", [1, 2, 5, 32, 33, 200])
+def test_header_agreement_on_few_and_many_ranks_accepts_and_rejects_the_same(world):
+    """:func:`~.metadata.agree` compares headers as lists on a few ranks and as tensors
+    on many: either way it accepts intact agreeing headers whatever their counts and
+    keys, and rejects any change of a rank's magic word or agreed words, and a peer's
+    error word (a rank's own error is its caller's to raise), on random ranks and words."""
+    from avalanche_distributed_rehearsal.core import metadata as M
+
+    gen = torch.Generator().manual_seed(world)
+    width = 4
+
+    def randint(high):
+        return int(torch.randint(0, high, (1,), generator=gen))
+
+    rows = []
+    for w in range(world):
+        keys = [randint(9) for _ in range(randint(width + 1))]
+        rows.append(M.encode(M.STEP, 7, 3, 11, 13, 17, 19, 23, M.StepContext(1, 0, 2, 9),
+                             0, keys, width))
+    clean = torch.stack(rows)
+    keys, counts = M.agree(clean, 0)
+    assert torch.equal(keys, clean[:, M.HEADER:]) and torch.equal(counts, clean[:, M._COUNT])
+    words = [M._MAGIC, M._ERROR] + list(range(M._KIND, M._ERROR))
+    for trial in range(2 * len(words)):
+        word = words[trial] if trial < len(words) else words[randint(len(words))]
+        rank = randint(world)
+        bad = clean.clone()
+        bad[rank, word] += 1 + randint(5)
+        if word == M._ERROR:
+            M.agree(bad, rank)  # its own error: no exception here
+            if world > 1:
+                with pytest.raises(M.PeerError):
+                    M.agree(bad, (rank + 1) % world)
+        elif word == M._MAGIC or world > 1:  # one rank always agrees with itself
+            with pytest.raises(RuntimeError):
+                M.agree(bad, rank)
