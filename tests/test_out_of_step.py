@@ -159,3 +159,15 @@ def test_header_agreement_on_few_and_many_ranks_accepts_and_rejects_the_same(wor
         elif word == M._MAGIC or world > 1:  # one rank always agrees with itself
             with pytest.raises(RuntimeError):
                 M.agree(bad, rank)
+
+
+def test_the_remembered_exclusion_digest_is_the_digest_of_the_labels():
+    """The header's exclusion words (remembered per tuple of labels) equal a fresh digest
+    of the labels as a list, for random exclusions asked in random order and again."""
+    from avalanche_distributed_rehearsal.core import metadata as M
+
+    gen = torch.Generator().manual_seed(0)
+    exclusions = [tuple(torch.randint(0, 50, (k,), generator=gen).tolist()) for k in range(12)]
+    for labels in exclusions + exclusions[::-1]:
+        assert M.labels_digest(labels) == M.digest(list(labels))
+    assert M.labels_digest((1, 2)) != M.labels_digest((2, 1)) != M.labels_digest(())

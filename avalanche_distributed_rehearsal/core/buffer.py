@@ -54,7 +54,7 @@ from .layout import RecordLayout
 from .ledgers import ledger_from_shares, make_ledger
 from .phases import PhaseClock
 from .metadata import (BAD_LABELS, BAD_VALUES, HEADER, NONFINITE, STEP, SYNC, StepContext,
-                       agree, digest, encode, layouts_of)
+                       agree, digest, encode, labels_digest, layouts_of)
 from .records import (INPUT, LABEL, TASK, InsertionKeys, as_record, check_dtypes, check_record,
                       is_class_labels, layout_for)
 from .reservoir import LocalReservoir
@@ -421,7 +421,7 @@ class ShardedRehearsalBuffer:
     def _meta(self, kind: int, step: int, context: StepContext, error: int, keys: List[int],
               now: tuple, nxt: tuple, layout_digest: int, width: int) -> torch.Tensor:
         message = encode(kind, step, self.channel.seq, self._config_digest(), layout_digest,
-                         digest(list(now)), digest(list(nxt)), self.ledger.digest(), context,
+                         labels_digest(now), labels_digest(nxt), self.ledger.digest(), context,
                          error, keys, width)
         self.channel.seq += 1
         return message

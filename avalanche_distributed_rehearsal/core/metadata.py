@@ -28,6 +28,7 @@ always detected, never a cause of mismatched transfers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ def digest(obj) -> int:
     """A 62-bit digest of a JSON-able object (0 is reserved for "none")."""
     data = json.dumps(obj, sort_keys=True).encode()
     return (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2) or 1
+
+
+@functools.lru_cache(maxsize=256)
+def labels_digest(labels: Tuple[int, ...]) -> int:
+    """:func:`digest` of a tuple of class labels as a list (an exclusion), remembered: a
+    step's header carries two, and they rarely change from step to step."""
+    return digest(list(labels))
 
 
 @dataclass(frozen=True)
