@@ -112,6 +112,35 @@ def test_send_and_receive_splits_agree():
         assert sorted(order.tolist()) == list(range(plan.d))
 
 
+@pytest.mark.parametrize("mode", ["uniform", "class_balanced", "local"])
+def test_python_and_tensor_routes_are_the_same_and_invert_the_receive_order(mode):
+    """A plan's routes for each rank, from Python lists and from tensor operations, are
+    equal (random worlds, class-to-rank tables, r, empty shards), and consistent: what
+    rank w sends to q is what q receives from w, and ``where`` maps each draw to the
+    received record from its owner, in draw order within each source."""
+    gen = torch.Generator().manual_seed(len(mode))
+    for trial in range(30):
+        world = 1 + trial % 6
+        classes = 1 + int(torch.randint(0, 6, (1,), generator=gen))
+        counts = torch.randint(0, 5, (world, classes), generator=gen)
+        counts[:, int(torch.randint(0, classes, (1,), generator=gen))] *= trial % 2
+        r = int(torch.randint(0, 9, (1,), generator=gen))
+        plan = plan_draws(counts, r, mode, generator(trial, trial))
+        routes = [plan.routes(rank, world, python=True) for rank in range(world)]
+        for rank, got in enumerate(routes):
+            want = plan.routes(rank, world, python=False)
+            assert got.send_splits == want.send_splits and got.recv_splits == want.recv_splits
+            assert torch.equal(got.local, want.local) and torch.equal(got.where, want.where)
+            assert (got.label is None) == (want.label is None) == (mode != "class_balanced")
+            if got.label is not None:
+                assert torch.equal(got.label, want.label)
+            for q in range(world):
+                assert got.send_splits[q] == routes[q].recv_splits[rank]
+            owners = plan.owner[rank, : plan.num_draws(rank)].tolist()
+            arrived = sorted(range(len(owners)), key=owners.__getitem__)  # by source rank
+            assert [arrived[k] for k in got.where.tolist()] == list(range(len(owners)))
+
+
 def test_rejects_unknown_mode():
     with pytest.raises(ValueError, match="sampling"):
         plan_draws(COUNTS, 2, "stratified", generator(0))

@@ -215,15 +215,13 @@ def serve(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
         slots = slots_of(plan.local[rank, :mine], label)
         stats.payload_sent = stats.payload_received = slots.numel() * layout.row_bytes
         return PreparedDraw(fields=storage.gather_fields(slots) if mine else {})
-    splits, local, label = plan.sends(rank)
-    slots = slots_of(local, label)
+    routes = plan.routes(rank, world_size)
+    slots = slots_of(routes.local, routes.label)
     send = storage.gather(slots, out=storage.scratch("send", slots.numel()))
-    recv_splits = plan.receive_splits(rank, world_size).tolist()
-    # Received record k is draw receive_order[k], so draw j is received record where[j].
-    where = torch.argsort(plan.receive_order(rank)).to(storage.device)
+    send_splits, recv_splits = routes.send_splits, routes.recv_splits
+    where = routes.where if storage.device.type == "cpu" else routes.where.to(storage.device)
     stats.payload_sent = send.numel()
     stats.payload_received = sum(recv_splits) * layout.row_bytes
-    send_splits = splits.tolist()
     stats.payload_to_others = (sum(send_splits) - send_splits[rank]) * layout.row_bytes
     stats.payload_from_others = (sum(recv_splits) - recv_splits[rank]) * layout.row_bytes
     return PreparedDraw(send=send, send_splits=send_splits, recv_splits=recv_splits,

@@ -76,6 +76,66 @@ class SamplingPlan:
         label = None if self.label is None else self.label[mask]
         return mask.sum(dim=1), self.local[mask], label
 
+    def routes(self, rank: int, world_size: int, python: Optional[bool] = None) -> "Routes":
+        """What ``rank`` sends and receives for this plan (:meth:`sends`,
+        :meth:`receive_splits` and the inverse of :meth:`receive_order` together).
+
+        ``python``: route with Python lists (True) or tensor operations (False); default:
+        lists up to :data:`PYTHON_ROUTES_MAX` plan entries, where a few dozen list steps
+        cost less than the dozen small tensor operations. The same routes either way.
+        """
+        if python is None:
+            python = self.owner.numel() <= PYTHON_ROUTES_MAX
+        if not python:
+            splits, local, label = self.sends(rank)
+            recv = self.receive_splits(rank, world_size).tolist()
+            return Routes(splits.tolist(), local, label, recv,
+                          torch.argsort(self.receive_order(rank)))
+        owner, local_rows = self.owner.tolist(), self.local.tolist()
+        label_rows = None if self.label is None else self.label.tolist()
+        splits, local, label = [], [], []
+        for q, row in enumerate(owner):
+            served = [j for j, o in enumerate(row) if o == rank]
+            splits.append(len(served))
+            local.extend(local_rows[q][j] for j in served)
+            if label_rows is not None:
+                label.extend(label_rows[q][j] for j in served)
+        own = owner[rank][: self.num_draws(rank)]
+        recv = [0] * world_size
+        for o in own:
+            recv[o] += 1
+        where = [0] * len(own)
+        for k, j in enumerate(sorted(range(len(own)), key=own.__getitem__)):  # stable
+            where[j] = k
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+        return Routes(splits, as_tensor(local), None if label_rows is None else as_tensor(label),
+                      recv, as_tensor(where))
+
+
+#: Plans of up to this many entries (ranks x draws) route in Python (:meth:`SamplingPlan.routes`).
+PYTHON_ROUTES_MAX = 4096
+
+
+@dataclass
+class Routes:
+    """One rank's traffic for a :class:`SamplingPlan`; tensors CPU int64, owned by the caller.
+
+    Attributes:
+        send_splits: records this rank sends to each rank (a list of ``world`` ints).
+        local, label: ``(n,)`` the plan's indexes (and class labels, ``"class_balanced"``
+            only, else None) of the records it sends, grouped by requester in rank order,
+            each group in draw order (:meth:`SamplingPlan.sends`).
+        recv_splits: records it receives from each rank (a list of ``world`` ints).
+        where: ``(d,)`` its draw ``j`` is received record ``where[j]`` (records arrive by
+            source rank, each source's in draw order).
+    """
+
+    send_splits: List[int]
+    local: torch.Tensor
+    label: Optional[torch.Tensor]
+    recv_splits: List[int]
+    where: torch.Tensor
+
 
 #: Draws up to this many uniforms (rows x candidates per row) take the Python branch of
 #: :func:`sample_distinct`: for the few dozen values of a step's plan, a loop over a list
