@@ -307,10 +307,11 @@ def plan_from_totals(per_rank: torch.Tensor, r: int, mode: str, gen: torch.Gener
     samples, ``per_rank`` ``(world,)`` int64 (``"uniform"`` and ``"local"``): the same plan."""
     if mode == "local":
         return _plan_local(per_rank, r, gen)
-    d = min(r, int(per_rank.sum()))
+    sizes = per_rank.tolist()
+    d = min(r, sum(sizes))
     if d == 0:
         return _empty_plan(per_rank.shape[0], False)
-    return _plan_uniform(per_rank, d, gen)
+    return _plan_uniform(per_rank, sizes, d, gen)
 
 
 def _check_plan_args(counts, r, mode, gen) -> None:
@@ -339,11 +340,12 @@ def _plan_local(per_rank: torch.Tensor, r: int, gen: torch.Generator) -> Samplin
     return SamplingPlan(owner, local, None, local.shape[1], n)
 
 
-def _plan_uniform(per_rank: torch.Tensor, d: int, gen: torch.Generator) -> SamplingPlan:
-    world = per_rank.shape[0]
-    total = int(per_rank.sum())
+def _plan_uniform(per_rank: torch.Tensor, sizes: List[int], d: int,
+                  gen: torch.Generator) -> SamplingPlan:
+    """``sizes``: ``per_rank`` as a list."""
+    world = len(sizes)
+    total = sum(sizes)
     if world * _uniforms_per_row(d) <= PYTHON_BRANCH_MAX:  # small: plain Python, same plan
-        sizes = per_rank.tolist()
         ends = list(itertools.accumulate(sizes))
         draws = _distinct_python([total] * world, [d] * world, gen)
         owner = [[bisect.bisect_right(ends, v) for v in row] for row in draws]
