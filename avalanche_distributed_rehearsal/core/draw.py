@@ -139,9 +139,7 @@ class Received:
     def fields(self, layout: RecordLayout, order: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Every field of the records ``order`` (``(d,)`` int64 indexes of received
         records), in that order: new contiguous tensors ``(d, *shape)``, one gather each."""
-        base = self.starts.index_select(0, order.cpu())
-        if self.flat.device != base.device:
-            base = base.to(self.flat.device)
+        base = self.starts.index_select(0, order.cpu()).to(self.flat.device)
         out = {}
         for name, spec in layout.fields.items():
             if spec.nbytes == 0:
@@ -149,10 +147,7 @@ class Received:
                                         device=self.flat.device)
                 continue
             at = base if spec.offset == 0 else base + spec.offset
-            raw = self.flat.unfold(0, spec.nbytes, 1).index_select(0, at)
-            if spec.dtype != torch.uint8:
-                raw = raw.view(spec.dtype)
-            out[name] = raw.view((order.numel(),) + spec.shape)
+            out[name] = spec.from_bytes(self.flat.unfold(0, spec.nbytes, 1).index_select(0, at))
         return out
 
 
@@ -219,7 +214,7 @@ def serve(plan: SamplingPlan, rank: int, world_size: int, exchanges: bool,
     slots = slots_of(routes.local, routes.label)
     send = storage.gather(slots, out=storage.scratch("send", slots.numel()))
     send_splits, recv_splits = routes.send_splits, routes.recv_splits
-    where = routes.where if storage.device.type == "cpu" else routes.where.to(storage.device)
+    where = routes.where.to(storage.device)
     stats.payload_sent = send.numel()
     stats.payload_received = sum(recv_splits) * layout.row_bytes
     stats.payload_to_others = (sum(send_splits) - send_splits[rank]) * layout.row_bytes

@@ -41,6 +41,13 @@ class FieldSpec:
     def nbytes(self) -> int:
         return self.numel * _element_size(self.dtype)
 
+    def from_bytes(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` (``(n, nbytes)`` uint8, each row's bytes contiguous) seen as ``(n,
+        *shape)`` of this field's dtype: a view, sharing memory with ``raw``."""
+        if self.dtype != torch.uint8:
+            raw = raw.view(self.dtype)
+        return raw.view((raw.shape[0],) + self.shape)
+
 
 class RecordLayout:
     """The byte layout of one sample.
@@ -86,11 +93,7 @@ class RecordLayout:
         Returns shape ``(n, *field.shape)`` and the field's dtype.
         """
         spec = self.fields[name]
-        n = rows.shape[0]
-        raw = rows[:, spec.offset: spec.offset + spec.nbytes]
-        if spec.dtype != torch.uint8:
-            raw = raw.view(spec.dtype)
-        return raw.view((n,) + spec.shape)
+        return spec.from_bytes(rows[:, spec.offset: spec.offset + spec.nbytes])
 
     def unpack(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Zero-copy views of every field of ``rows``; they share memory with ``rows``."""

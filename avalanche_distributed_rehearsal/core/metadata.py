@@ -162,13 +162,13 @@ _AGREED = slice(_KIND, _ERROR)
 _LIST_AGREE = 32
 
 
-def _clean(messages: torch.Tensor) -> bool:
-    """Whether every gathered header is intact, agrees with rank 0's and reports no error."""
-    if messages.shape[0] <= _LIST_AGREE:
-        rows = messages[:, :HEADER].tolist()
+def _clean(head: torch.Tensor) -> bool:
+    """Whether every gathered header (``(W, HEADER)``) is intact, agrees with rank 0's
+    and reports no error."""
+    if head.shape[0] <= _LIST_AGREE:
+        rows = head.tolist()
         first = rows[0][_AGREED]
         return all(r[_MAGIC] == MAGIC and not r[_ERROR] and r[_AGREED] == first for r in rows)
-    head = messages[:, :HEADER]
     return (bool((head[:, _AGREED] == head[0, _AGREED]).all())
             and bool((head[:, _MAGIC] == MAGIC).all()) and not bool(head[:, _ERROR].any()))
 
@@ -180,7 +180,7 @@ def agree(messages: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor
     many; otherwise :func:`check_agreement` names the disagreement (raising on every
     rank)."""
     head = messages[:, :HEADER]
-    if not _clean(messages):
+    if not _clean(head):
         heads, _, _ = decode(messages)
         check_agreement(heads, rank)
     return messages[:, HEADER:], head[:, _COUNT]
