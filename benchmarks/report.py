@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from avalanche_distributed_rehearsal.core.overlap import median_error
 
+from .timing import ratio as median_ratio
 from .workloads import VARIANT_TITLES, VARIANTS
 
 STEP_TARGET, ONLINE_TARGET, ONLINE_SPEEDUP, EXCHANGE_TARGET = 1.05, 1.10, 2.0, 1.25
@@ -50,13 +51,44 @@ def _auto_choices(chooser) -> str:
             f"chose {chooser['chosen']}, held {chooser['held']} steps")
 
 
-def _same_as_sync(mode: Dict, sync: Dict, again: Dict) -> str:
+def _same_as_sync(mode: Dict, sync: Dict, again: Optional[Dict]) -> str:
     """The note of an async / sync target: twice the ratio's standard error (from both
-    medians' spreads), and the same ratio for two identical sync variants (A/A)."""
+    medians' spreads), and the same ratio for two identical sync variants (A/A), where
+    the run has them."""
     two_se = 2 * mode["median"] / sync["median"] * math.hypot(_relative_error(mode),
                                                               _relative_error(sync))
-    return (f"2 SE of the ratio = {two_se:.3f}; A/A: (g) sync again / (d) sync = "
-            f"{again['median'] / sync['median']:.3f}")
+    note = f"2 SE of the ratio = {two_se:.3f}"
+    if again is None:
+        return note
+    return f"{note}; A/A: (g) sync again / (d) sync = {again['median'] / sync['median']:.3f}"
+
+
+def _gpu_targets(world: str, run: Dict) -> List[Dict]:
+    """The GPU rows of the step-cost issue, from the ``gpu_step`` part."""
+    out = []
+    for model, v in run["models"].items():
+        step, trace = v["step"], v["trace"]
+        base = step["incremental_b+r"]
+        shards = [n.split("@")[1] for n in step if n.startswith("ours_sync@")]
+        for shard in shards:
+            sync = step[f"ours_sync@{shard}"]
+            again = step.get(f"ours_sync_again@{shard}")
+            where = f"{model}, {shard} shard, {world} rank(s)"
+            out.append(_target(f"gpu_step: ours (auto) / incremental b+r, {where}",
+                               median_ratio(step[f"ours_auto@{shard}"], base), v["workload"]["target"],
+                               "<="))
+            for mode in ("auto", "async"):
+                out.append(_target(f"gpu_step: ours {mode} / ours sync, {where}",
+                                   median_ratio(step[f"ours_{mode}@{shard}"], sync), 1.0, "<=",
+                                   _same_as_sync(step[f"ours_{mode}@{shard}"], sync, again)))
+            t = trace[f"ours_async@{shard}"]
+            out.append(_target(f"gpu_step: host waits per step on the training thread, ours async - "
+                               f"incremental b+r, {where}",
+                               t["training_thread_per_step"]
+                               - trace["incremental_b+r"]["training_thread_per_step"], 0.0, "<=",
+                               f"counted: {', '.join(t['counted'])}; other threads (the worker) "
+                               f"{t['other_threads_per_step']:.2f} per step"))
+    return out
 
 
 def targets(results: Dict) -> List[Dict]:
@@ -125,6 +157,8 @@ def targets(results: Dict) -> List[Dict]:
             out.append(_target(f"metadata bytes per rank per step, {n} ranks, classes "
                                f"{'/'.join(str(row['classes']) for row in per_c)}: max / min - 1",
                                max(sent) / min(sent) - 1, 0.0, "<=", "flat in the classes"))
+    for world, run in sorted(results.get("gpu_step", {}).items()):
+        out += _gpu_targets(world, run)
     for world, rows in sorted(results.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
         w = int(world)
         for row in rows:
@@ -296,7 +330,38 @@ def markdown(results: Dict) -> str:
               f"{row['metadata_bytes_received']:,}", f"{1e6 * row['agree']['median']:.0f}",
               f"{1e6 * row['ledger']['median']:.0f}", f"{1e6 * row['plan']['median']:.0f}",
               f"{row['deal_seconds']:.2f}" if "deal_seconds" in row else "-"] for row in rows])
+    for world, run in results.get("gpu_step", {}).items():
+        lines += _gpu_tables(world, run, meta["sizes"]["gpu_step"])
     return "\n".join(lines)
+
+
+def _gpu_tables(world: str, run: Dict, cfg: Dict) -> List[str]:
+    lines = []
+    counted = "the CUDA runtime's waits" if _device_of(run) == "cuda" else "host reads of values"
+    for model, v in run["models"].items():
+        w, step, trace = v["workload"], v["step"], v["trace"]
+        base = step["incremental_b+r"]
+        lines += _table(
+            f"## 7. Training steps on {run.get('gpu', 'the CPU')} ({model}, {world} rank)",
+            [f"b={w['b']}, r={w['r']}, c={w['c']}, M={cfg['mem_size']}, inputs "
+             f"{'x'.join(map(str, w['shape']))}, experiences of {cfg['steps']} steps "
+             f"({cfg['rounds']} rounds after {cfg['warmup_rounds']} warm-up); median ms per "
+             f"step. Host waits: {counted} per step in a trace of {cfg['trace_steps']} steps, "
+             "on the training thread and on the others (the worker)."],
+            ["variant", "ms per step", "/ incremental b+r", "waits, training thread",
+             "waits, other threads"],
+            [[n, _ms(s), f"{median_ratio(s, base):.3f}",
+              f"{trace[n]['training_thread_per_step']:.2f}",
+              f"{trace[n]['other_threads_per_step']:.2f}"] for n, s in step.items()])
+        lines += ["What auto chose by the end: "
+                  + "; ".join(f"{n}: {_auto_choices(c)}" for n, c in v["auto_chooser"].items()),
+                  ""]
+    return lines
+
+
+def _device_of(run: Dict) -> str:
+    """``"cuda"`` when a ``gpu_step`` run traced a GPU, else ``"cpu"``."""
+    return "cuda" if "gpu" in run else "cpu"
 
 
 def _pyplot():

@@ -52,6 +52,12 @@ FULL = {
     "metadata_scaling": {"worlds": [1], "sim_worlds": [8, 32, 128, 512, 1024],
                          "classes": [100, 1000, 21841], "per_rank": 2000, "c": 16, "r": 8,
                          "steps": 30, "deal_max": 128 * 1000},
+    "gpu_step": {"worlds": [1], "classes": 100, "classes_per_exp": 10, "mem_size": 2000,
+                 "steps": 10, "rounds": 12, "warmup_rounds": 2, "trace_steps": 10,
+                 "shards": ["cuda", "cpu"],
+                 "models": {"resnet18": {"shape": [3, 32, 32], "b": 128, "r": 32, "target": 1.05},
+                            "resnet50": {"shape": [3, 224, 224], "b": 64, "r": 16,
+                                         "target": 1.03}}},
 }
 
 TINY = "3x8x8"
@@ -75,6 +81,9 @@ SMOKE = {
                   "classes": 3, "steps": 20},
     "metadata_scaling": {"worlds": [1], "sim_worlds": [2, 8], "classes": [10, 50],
                          "per_rank": 20, "c": 4, "r": 2, "steps": 3, "deal_max": 1000},
+    "gpu_step": {"worlds": [1], "classes": 4, "classes_per_exp": 2, "mem_size": 20, "steps": 3,
+                 "rounds": 2, "warmup_rounds": 1, "trace_steps": 3, "shards": ["cpu"],
+                 "models": {"mlp": {"shape": [3, 8, 8], "b": 4, "r": 2, "target": 1.05}}},
 }
 
 #: part -> (module, function) run on every rank of each of the part's world sizes.
@@ -89,7 +98,11 @@ PARTS = {
     "scaling": ("benchmarks.scaling", "scaling"),
     "host_cost": ("benchmarks.host_cost", "host_cost"),
     "metadata_scaling": ("benchmarks.metadata_scaling", "metadata_scaling"),
+    "gpu_step": ("benchmarks.gpu_step", "gpu_step"),
 }
+#: Parts for a GPU: skipped on CPU at full sizes (they run on CPU at smoke sizes, so that
+#: the suite keeps them working).
+GPU_PARTS = ("gpu_step",)
 
 
 def run_tasks(rank: int, world: int, tasks: List) -> Dict:
@@ -132,11 +145,14 @@ def load_average() -> List[float]:
         return []
 
 
-def plan(sizes: Dict, parts: List[str], device: str):
+def plan(sizes: Dict, parts: List[str], device: str, smoke: bool = False):
     """``{world: [(part, cfg), ...]}`` and ``{part: reason}`` for parts skipped on this machine."""
     by_world, skipped = {}, {}
     gpus = torch.cuda.device_count() if device == "cuda" else None
     for part in parts:
+        if part in GPU_PARTS and device != "cuda" and not smoke:
+            skipped[part] = "needs --device cuda (runs on CPU with --smoke only)"
+            continue
         cfg = dict(sizes[part], device=device, cores=os.cpu_count())
         for w in cfg.pop("worlds"):
             if gpus is not None and w > gpus:
@@ -167,7 +183,7 @@ def main(argv=None) -> Dict:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
     sizes = copy.deepcopy(SMOKE if args.smoke else FULL)
-    by_world, skipped = plan(sizes, args.parts, device)
+    by_world, skipped = plan(sizes, args.parts, device, args.smoke)
     os.makedirs(args.out, exist_ok=True)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"meta": {"command": command.strip(), "smoke": args.smoke,

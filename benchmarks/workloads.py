@@ -26,18 +26,19 @@ VARIANT_TITLES = {
 
 
 def make_model(kind: str, shape: Sequence[int], classes: int) -> nn.Module:
-    """``"mlp"``: a light 2-layer perceptron; ``"resnet18"``: torchvision ResNet-18 (compute-bound)."""
+    """``"mlp"``: a light 2-layer perceptron; ``"resnet18"`` / ``"resnet50"``: torchvision's
+    (compute-bound)."""
     torch.manual_seed(0)
     if kind == "mlp":
         n = 1
         for s in shape:
             n *= s
         return nn.Sequential(nn.Flatten(), nn.Linear(n, 128), nn.ReLU(), nn.Linear(128, classes))
-    if kind == "resnet18":
+    if kind in ("resnet18", "resnet50"):
         import torchvision
 
-        return torchvision.models.resnet18(num_classes=classes)
-    raise ValueError(f"model kind must be 'mlp' or 'resnet18', got {kind!r}")
+        return getattr(torchvision.models, kind)(num_classes=classes)
+    raise ValueError(f"model kind must be 'mlp', 'resnet18' or 'resnet50', got {kind!r}")
 
 
 def tensor_dataset(n: int, shape: Sequence[int], classes: int, seed: int,

@@ -38,7 +38,8 @@ def test_files_written(smoke):
     text = (out / "results.md").read_text()
     for heading in ("## Targets", "## 1. Training-step overhead", "## Online continual",
                     "## Buffer memory per rank", "## 2. Buffer operations", "## 3. A whole step",
-                    "## 4. Scaling", "## 5. Host time per step", "## 6. Metadata and host time"):
+                    "## 4. Scaling", "## 5. Host time per step", "## 6. Metadata and host time",
+                    "## 7. Training steps on the CPU (mlp, 1 rank)"):
         assert heading in text
     assert str(out) in stdout  # it says where it wrote
     assert results["meta"]["smoke"] and results["meta"]["machine"]["device"] == "cpu"
@@ -153,6 +154,63 @@ def test_host_cost_and_metadata_scaling(smoke):
         assert row["metadata_bytes_sent"] == (row["world"] - 1) * (HEADER + c) * 8
         assert all(_positive(row[k]) for k in ("agree", "ledger", "plan"))
     assert any("deal_seconds" in row for row in rows)
+
+
+@pytest.mark.timeout(180)
+def test_gpu_step_times_and_where_the_host_reads_values(smoke):
+    """The GPU part at smoke sizes on CPU: every variant timed and traced; synchronous,
+    the buffer reads values on the training thread; always on the worker, only there."""
+    _, results, _ = smoke
+    from benchmarks.gpu_step import variant_names
+
+    run = results["gpu_step"]["1"]
+    v = run["models"]["mlp"]
+    assert list(v["step"]) == variant_names(["cpu"])
+    assert all(_positive(s) for s in v["step"].values())
+    trace = v["trace"]
+    assert all(t["all_threads"] and t["steps"] == 3 for t in trace.values())
+    assert trace["incremental_b+r"]["training_thread_per_step"] == 0
+    assert trace["ours_sync@cpu"]["training_thread_per_step"] > 0
+    assert trace["ours_async@cpu"]["training_thread_per_step"] == 0
+    assert trace["ours_async@cpu"]["other_threads_per_step"] > 0
+    names = [t["target"] for t in results["targets"] if t["target"].startswith("gpu_step:")]
+    assert len(names) == 4 and any("host waits" in n for n in names)
+    assert set(v["auto_chooser"]) == {"ours_auto@cpu"}
+
+
+def test_gpu_step_is_skipped_on_cpu_at_full_sizes():
+    from benchmarks import run
+
+    by_world, skipped = run.plan(run.FULL, ["gpu_step", "host_cost"], "cpu")
+    assert [p for p, _ in by_world[1]] == ["host_cost"]
+    assert "--device cuda" in skipped["gpu_step"]
+
+
+def test_host_syncs_counts_each_thread_apart():
+    """Reads of values on the marked (training) thread and on another thread land in their
+    own counts, one per read."""
+    import threading
+
+    import torch
+
+    from benchmarks.gpu_step import STEP_MARK, _profiler, host_syncs
+
+    x = torch.ones(4)
+
+    def reads(k):
+        for _ in range(k):
+            x.sum().item()
+
+    other = threading.Thread(target=reads, args=(3,))
+    prof, all_threads = _profiler(torch.device("cpu"))
+    with prof:
+        with torch.profiler.record_function(STEP_MARK):
+            reads(2)
+        other.start()
+        other.join()
+    counts = host_syncs(prof)
+    assert counts["training_thread"] == {"aten::_local_scalar_dense": 2}
+    assert counts["other_threads"] == ({"aten::_local_scalar_dense": 3} if all_threads else {})
 
 
 def test_cuda_paths_skip_cleanly_without_a_gpu():
