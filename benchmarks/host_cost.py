@@ -19,6 +19,12 @@ Variants run interleaved, one step each in turn (the order rotating from step to
 that every variant follows every other as often), after every buffer is full; figures are
 medians. The stage times of ``ours_sync`` come from the buffer's
 :class:`~avalanche_distributed_rehearsal.core.phases.PhaseClock` over the same steps.
+
+Then, with ``pause_steps``, the same variants (but ``ours_async``) again, each timed step
+after an untimed pause of ``pause_ms`` (a sleep): in training, a step of the buffer
+follows the model's compute or a wait in a collective, not another step of the buffer.
+``paused / back-to-back`` tells how much slower code runs on this machine when it runs
+after a pause (its caches and its core no longer warm), for each variant.
 """
 
 from __future__ import annotations
@@ -126,8 +132,30 @@ def host_cost(rank: int, world: int, cfg: dict) -> Dict:
                 async_pipe.drain()  # its job, untimed: it must not run into the next variant
     sync_buf.phase_clock = None
     phases = {k: v / steps for k, v in clock.seconds.items()}
+    paused = _paused(variants, batches, cfg)
     sync_pipe.close()
     async_pipe.close()
     out = {name: summarize(s) for name, s in samples.items()}
-    return {"step": out, "phases": phases, "torchrl": trl is not None,
+    return {"step": out, "phases": phases, "torchrl": trl is not None, "paused": paused,
             "workload": {k: cfg[k] for k in ("b", "c", "r", "dim", "mem_size", "classes")}}
+
+
+def _paused(variants, batches, cfg) -> Dict:
+    """Each variant but ``ours_async`` timed after an untimed pause of ``pause_ms`` (see
+    the module doc), interleaved as the main loop: ``{"pause_ms", "step": {name:
+    summary}}``, or ``{}`` without ``pause_steps``."""
+    n = cfg.get("pause_steps", 0)
+    if not n:
+        return {}
+    pause = cfg["pause_ms"] / 1e3
+    names = [name for name in variants if name != "ours_async"]
+    samples = {name: [] for name in names}
+    for i in range(n):
+        batch = batches[i % len(batches)]
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            time.sleep(pause)
+            start = time.perf_counter()
+            variants[name](batch)
+            samples[name].append(time.perf_counter() - start)
+    return {"pause_ms": cfg["pause_ms"], "step": {name: summarize(s) for name, s in samples.items()}}

@@ -318,6 +318,16 @@ def markdown(results: Dict) -> str:
                         list(hc["phases"]) + ["sum"],
                         [[f"{1e6 * v:.1f}" for v in hc["phases"].values()]
                          + [f"{1e6 * sum(hc['phases'].values()):.1f}"]])
+        paused = hc.get("paused") or {}
+        if paused:
+            lines += _table(
+                f"### After a pause of {paused['pause_ms']:g} ms (median us per step)",
+                ["Each timed step after an untimed sleep, variants interleaved: how much "
+                 "slower the same code runs when it follows a pause (as a step follows the "
+                 "model's compute or a collective's wait) than back to back."],
+                ["variant", "back to back", "after the pause", "paused / back to back"],
+                [[n, f"{1e6 * s[n]['median']:.1f}", f"{1e6 * v['median']:.1f}",
+                  f"{v['median'] / s[n]['median']:.2f}"] for n, v in paused["step"].items()])
     for world, rows in results.get("metadata_scaling", {}).items():
         lines += _table(
             "## 6. Metadata and host time per step at scale (simulated ledger, steady state)",

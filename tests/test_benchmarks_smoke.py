@@ -147,6 +147,9 @@ def test_host_cost_and_metadata_scaling(smoke):
     assert {"ours_sync", "ours_async", "floor"} <= set(hc["step"])
     assert all(_positive(s) for s in hc["step"].values())
     assert sum(hc["phases"].values()) > 0
+    paused = hc["paused"]
+    assert paused["pause_ms"] == 1.0 and set(paused["step"]) == set(hc["step"]) - {"ours_async"}
+    assert all(_positive(s) and s["n"] == 4 for s in paused["step"].values())
     rows = results["metadata_scaling"]["1"]
     from avalanche_distributed_rehearsal.core.metadata import HEADER
     for row in rows:  # flat in the classes, linear in the other ranks
