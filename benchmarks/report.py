@@ -51,16 +51,17 @@ def _auto_choices(chooser) -> str:
             f"chose {chooser['chosen']}, held {chooser['held']} steps")
 
 
-def _same_as_sync(mode: Dict, sync: Dict, again: Optional[Dict]) -> str:
+def _same_as_sync(mode: Dict, sync: Dict, again: Optional[Dict],
+                  names: str = "(g) sync again / (d) sync") -> str:
     """The note of an async / sync target: twice the ratio's standard error (from both
-    medians' spreads), and the same ratio for two identical sync variants (A/A), where
-    the run has them."""
+    medians' spreads), and the same ratio for two identical sync variants (A/A, ``names``),
+    where the run has them."""
     two_se = 2 * mode["median"] / sync["median"] * math.hypot(_relative_error(mode),
                                                               _relative_error(sync))
     note = f"2 SE of the ratio = {two_se:.3f}"
     if again is None:
         return note
-    return f"{note}; A/A: (g) sync again / (d) sync = {again['median'] / sync['median']:.3f}"
+    return f"{note}; A/A: {names} = {again['median'] / sync['median']:.3f}"
 
 
 def _gpu_targets(world: str, run: Dict) -> List[Dict]:
@@ -80,7 +81,8 @@ def _gpu_targets(world: str, run: Dict) -> List[Dict]:
             for mode in ("auto", "async"):
                 out.append(_target(f"gpu_step: ours {mode} / ours sync, {where}",
                                    median_ratio(step[f"ours_{mode}@{shard}"], sync), 1.0, "<=",
-                                   _same_as_sync(step[f"ours_{mode}@{shard}"], sync, again)))
+                                   _same_as_sync(step[f"ours_{mode}@{shard}"], sync, again,
+                                                 "sync again / sync")))
             t = trace[f"ours_async@{shard}"]
             out.append(_target(f"gpu_step: host waits per step on the training thread, ours async - "
                                f"incremental b+r, {where}",
