@@ -21,17 +21,23 @@ round-robin, the order rotating from round to round; the figure per step is the 
 over rounds of an experience's time divided by its steps, after ``warmup_rounds`` rounds.
 
 Traced: ``trace_steps`` steps of one more experience per variant under ``torch.profiler``
-(every thread). The summary counts the calls that make the host wait for the device
+(every thread), which names the calls that make the host wait for the device
 (:data:`HOST_SYNCS`: the CUDA runtime's waits, and the ATen ops that read values on the
-host, which tell the cause), per step, on the training thread (the thread that runs the steps:
-the hot path) and on every other thread (the buffer's worker). On a CPU-only machine
-there is no device to wait for: the reads are counted instead (each would wait on a GPU).
+host, which tell the cause), on the training thread (the thread that runs the steps: the
+hot path) and on every other thread (the buffer's worker). On a GPU the same steps also
+run under PyTorch's CUDA sync debug mode, whose warnings are counted by the thread that
+raised them (:func:`cuda_sync_warnings`, checked by a probe): those counts are the
+figures per step. On a CPU-only machine there is no device to wait for: the reads are
+counted instead (each would wait on a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import time
+import warnings
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -49,6 +55,9 @@ CUDA_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchr
 #: every device, so that a CPU run shows where a GPU run would wait.
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
 HOST_SYNCS = CUDA_WAITS + HOST_READS
+#: What the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` say ("called a
+#: synchronizing CUDA operation").
+SYNC_WARNING = "synchroniz"
 #: The training thread's marker in a trace (one per traced step).
 STEP_MARK = "gpu_step.step"
 MODES = ("sync", "async", "auto")
@@ -97,9 +106,10 @@ class _Variant:
         self.optimizer.step()
 
     def experience(self, data, experience: int, classes: List[int],
-                   mark: Optional[str] = None) -> None:
+                   mark: Optional[str] = None, drain: bool = True) -> None:
         """Train one experience on ``data`` (per step ``(x, y, t)`` of ``b + r`` rows); the
-        pipeline's job drained at the end. ``mark``: a profiler label per step."""
+        pipeline's job drained at the end (``drain=False``: left running, see
+        :meth:`drain`). ``mark``: a profiler label per step."""
         if self.pipeline is not None:
             self.pipeline.exclude(set(classes) - self.seen)
         for i, (x, y, t) in enumerate(data):
@@ -108,9 +118,14 @@ class _Variant:
             else:
                 with torch.profiler.record_function(mark):
                     self.train_step(x, y, t, i, len(data), experience)
+        self.seen |= set(classes)
+        if drain:
+            self.drain()
+
+    def drain(self) -> None:
+        """Wait for the pipeline's job in flight, if any."""
         if self.pipeline is not None:
             self.pipeline.drain()
-        self.seen |= set(classes)
 
     def chooser(self) -> Optional[Dict]:
         chooser = None if self.pipeline is None else self.pipeline.chooser
@@ -172,18 +187,69 @@ def _profiler(device: torch.device):
         return profile(activities=activities), False
 
 
+@contextlib.contextmanager
+def warnings_by_thread(match: str):
+    """Within the block, count the warnings whose message contains ``match``, on every
+    thread, by ``threading.get_ident()`` of the thread that raised them (each one, none
+    deduplicated); yields the ``Counter``. Other warnings are shown as usual."""
+    counts: Counter = Counter()
+    lock = threading.Lock()
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if match in str(message):
+                with lock:
+                    counts[threading.get_ident()] += 1
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield counts
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings(device: torch.device):
+    """PyTorch's CUDA sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``: a
+    warning at each synchronising CUDA operation, raised on the thread that calls it)
+    within the block, counted by thread (:func:`warnings_by_thread`). A probe, one
+    ``item()`` on the calling thread, checks first that the warnings are seen: the
+    counter yielded holds it, under the key ``"probe"``."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings_by_thread(SYNC_WARNING) as counts:
+            torch.ones(1, device=device).item()
+            counts["probe"] = counts.pop(threading.get_ident(), 0)
+            yield counts
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def _trace(variant: _Variant, data, experience: int, classes, device) -> Dict:
     prof, all_threads = _profiler(device)
+    cuda = device.type == "cuda"
     with prof:
-        variant.experience(data, experience, classes, mark=STEP_MARK)
+        # the steps alone: the drain at the end is the benchmark's, not the training loop's
+        with cuda_sync_warnings(device) if cuda else contextlib.nullcontext(Counter()) as syncs:
+            variant.experience(data, experience, classes, mark=STEP_MARK, drain=False)
+        variant.drain()
         synchronize(device)
     counts = host_syncs(prof)
     steps = len(data)
-    # On a GPU the runtime's waits are the count (a read of a value is one of them); on a
-    # CPU only the reads exist.
-    names = CUDA_WAITS if device.type == "cuda" else HOST_READS
-    return {"steps": steps, "all_threads": all_threads, **counts, "counted": list(names),
-            **{f"{where}_per_step": sum(counts[where].get(n, 0) for n in names) / steps
+    out = {"steps": steps, "all_threads": all_threads, **counts}
+    if cuda and syncs.get("probe"):
+        # On a GPU the sync debug mode's warnings name their thread for sure (the
+        # profiler's runtime events are counted by name above).
+        mine = syncs.pop(threading.get_ident(), 0)
+        syncs.pop("probe")
+        return {**out, "counted": ["synchronising CUDA operations (sync debug mode)"],
+                "training_thread_per_step": mine / steps,
+                "other_threads_per_step": sum(syncs.values()) / steps}
+    # On a CPU only the reads exist (and where the probe saw no warning, they stand in).
+    return {**out, "counted": list(HOST_READS), "sync_debug_seen": False if cuda else None,
+            **{f"{where}_per_step": sum(counts[where].get(n, 0) for n in HOST_READS) / steps
                for where in ("training_thread", "other_threads")}}
 
 

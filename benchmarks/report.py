@@ -349,7 +349,8 @@ def markdown(results: Dict) -> str:
 
 def _gpu_tables(world: str, run: Dict, cfg: Dict) -> List[str]:
     lines = []
-    counted = "the CUDA runtime's waits" if _device_of(run) == "cuda" else "host reads of values"
+    counted = ("synchronising CUDA operations (sync debug mode)" if _device_of(run) == "cuda"
+               else "host reads of values")
     for model, v in run["models"].items():
         w, step, trace = v["workload"], v["step"], v["trace"]
         base = step["incremental_b+r"]

@@ -216,6 +216,28 @@ def test_host_syncs_counts_each_thread_apart():
     assert counts["other_threads"] == ({"aten::_local_scalar_dense": 3} if all_threads else {})
 
 
+def test_warnings_by_thread_counts_every_warning_on_its_own_thread():
+    """What counts the CUDA sync debug mode's warnings on a GPU, with plain warnings: each
+    one counted (the same line repeated too) under the thread that raised it."""
+    import threading
+    import warnings
+
+    from benchmarks.gpu_step import SYNC_WARNING, warnings_by_thread
+
+    def warn(k):
+        for _ in range(k):
+            warnings.warn("called a synchronizing CUDA operation")
+
+    other = threading.Thread(target=warn, args=(3,))
+    with warnings_by_thread(SYNC_WARNING) as counts:
+        warn(2)
+        other.start()
+        other.join()
+        with pytest.warns(UserWarning, match="unrelated"):
+            warnings.warn("unrelated")
+    assert counts == {threading.get_ident(): 2, other.ident: 3}
+
+
 def test_cuda_paths_skip_cleanly_without_a_gpu():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
