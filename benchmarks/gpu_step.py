@@ -44,8 +44,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .timing import summarize, synchronize
-from .workloads import make_model
+from .timing import summarize, synchronize, time_call
+from .workloads import chooser_summary, make_model
 
 #: CUDA runtime calls that make the host wait for the device (a synchronous copy included).
 CUDA_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
@@ -128,11 +128,7 @@ class _Variant:
             self.pipeline.drain()
 
     def chooser(self) -> Optional[Dict]:
-        chooser = None if self.pipeline is None else self.pipeline.chooser
-        if chooser is None:
-            return None
-        return {"choices": chooser.choices, "early_ends": chooser.early_ends,
-                "chosen": chooser.chosen, "held": chooser.held}
+        return chooser_summary(None if self.pipeline is None else self.pipeline.chooser)
 
     def close(self) -> None:
         if self.pipeline is not None:
@@ -266,12 +262,9 @@ def _model_rows(model_name: str, spec: dict, cfg: dict, device: torch.device) ->
             data = _experience_data(spec, classes, steps, device, seed=k)
             order = names[k % len(names):] + names[:k % len(names)]
             for n in order:
-                synchronize(device)
-                start = time.perf_counter()
-                variants[n].experience(data, k, classes)
-                synchronize(device)
+                seconds = time_call(lambda: variants[n].experience(data, k, classes), device)
                 if k >= cfg["warmup_rounds"]:
-                    samples[n].append((time.perf_counter() - start) / steps)
+                    samples[n].append(seconds / steps)
         k = cfg["warmup_rounds"] + cfg["rounds"]
         classes = _classes_of(k, cfg)
         data = _experience_data(spec, classes, cfg["trace_steps"], device, seed=k)

@@ -113,11 +113,19 @@ def auto_choices(strategy) -> Optional[Dict]:
     for p in strategy.plugins:
         if type(p).__name__ != "DistributedReplayPlugin":
             continue
-        chooser = getattr(p.pipeline, "chooser", None)
-        if chooser is not None:
-            return {"choices": chooser.choices, "early_ends": chooser.early_ends,
-                    "chosen": chooser.chosen, "held": chooser.held}
+        summary = chooser_summary(getattr(p.pipeline, "chooser", None))
+        if summary is not None:
+            return summary
     return None
+
+
+def chooser_summary(chooser) -> Optional[Dict]:
+    """``{"choices", "early_ends", "chosen", "held"}`` of a pipeline's ``OverlapChooser``
+    (``async_mode="auto"``), or None without one."""
+    if chooser is None:
+        return None
+    return {"choices": chooser.choices, "early_ends": chooser.early_ends,
+            "chosen": chooser.chosen, "held": chooser.held}
 
 
 def close_strategy(strategy) -> None:
